@@ -1,0 +1,1 @@
+"""The vLLM supervisor: starts, watches and stops the engine process. No HTTP serving here."""

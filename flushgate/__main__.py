@@ -1,0 +1,3 @@
+from flushgate.cli import main
+
+raise SystemExit(main())

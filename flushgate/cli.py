@@ -1,0 +1,133 @@
+"""Command line: ``flushgate serve``. Every flag also reads a ``FLUSHGATE_*`` environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from flushgate import __version__
+from flushgate.config import Config, ConfigError, Timeouts
+from flushgate.logs import configure
+
+T = TypeVar("T")
+
+
+def _env(name: str, default: T, convert: Callable[[str], T]) -> T:
+    raw = os.environ.get("FLUSHGATE_" + name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return convert(raw)
+    except ValueError as exc:
+        raise SystemExit(f"flushgate: FLUSHGATE_{name}={raw!r} is not valid: {exc}") from None
+
+
+def _seconds_or_off(raw: str) -> float | None:
+    value = float(raw)
+    return None if value == 0 else value
+
+
+def _bool(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flushgate",
+        description="A low-latency streaming gateway for LLM chat serving, in front of vLLM.",
+    )
+    parser.add_argument("--version", action="version", version=f"flushgate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway",
+        description=(
+            "Run the gateway. Attach it to a running engine with --upstream. Each flag can also be set with the "
+            "environment variable named in its help, e.g. FLUSHGATE_PORT=9000."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = Timeouts()
+    serve.add_argument(
+        "--upstream",
+        default=_env("UPSTREAM", None, str),
+        metavar="URL",
+        help="engine to forward to, e.g. http://127.0.0.1:8001 (FLUSHGATE_UPSTREAM)",
+    )
+    serve.add_argument(
+        "--host",
+        default=_env("HOST", "127.0.0.1", str),
+        help="address to listen on; 0.0.0.0 for all interfaces (FLUSHGATE_HOST)",
+    )
+    serve.add_argument("--port", type=int, default=_env("PORT", 8000, int), help="port to listen on (FLUSHGATE_PORT)")
+    serve.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="S",
+        default=_env("CONNECT_TIMEOUT", defaults.connect, float),
+        help="seconds to open a connection to the engine; then 504 (FLUSHGATE_CONNECT_TIMEOUT)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=_seconds_or_off,
+        metavar="S",
+        default=_env("IDLE_TIMEOUT", defaults.idle, _seconds_or_off),
+        help="seconds the engine may stay silent before a stream is ended with an error event; "
+        "0 disables (FLUSHGATE_IDLE_TIMEOUT)",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        metavar="S",
+        default=_env("DRAIN_TIMEOUT", defaults.drain, float),
+        help="on SIGTERM, seconds in-flight requests may take to finish (FLUSHGATE_DRAIN_TIMEOUT)",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default=_env("LOG_FORMAT", "auto", str),
+        help="auto: readable on a terminal, JSON lines otherwise (FLUSHGATE_LOG_FORMAT)",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return Config(
+        host=args.host,
+        port=args.port,
+        upstream=args.upstream,
+        timeouts=Timeouts(connect=args.connect_timeout, idle=args.idle_timeout, drain=args.drain_timeout),
+        log_format=args.log_format,
+    ).validate()
+
+
+def _run(coro: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"flushgate: {exc}", file=sys.stderr)
+        return 2
+    configure(config.log_format)
+    from flushgate.server import serve
+
+    _run(serve(config))
+    return 0

@@ -1,0 +1,62 @@
+"""One validated configuration object, built once from flags and ``FLUSHGATE_*`` variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+LogFormat = Literal["auto", "json", "console"]
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Every time limit the gateway applies, in seconds, in one place.
+
+    There is deliberately no total timeout for streams: a long answer is not an error.
+    """
+
+    connect: float = 5.0
+    idle: float | None = 600.0  # between upstream reads; None disables it
+    drain: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    upstream: str | None = None
+    model: str | None = None
+    preset: str | None = None
+    engine_args: tuple[str, ...] = ()
+    served_model_name: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    log_format: LogFormat = "auto"
+    log_content: bool = False
+
+    def validate(self) -> Config:
+        if (self.upstream is None) == (self.model is None):
+            raise ConfigError("give exactly one of --upstream URL (attach to an engine) or --model DIR (manage one)")
+        if self.upstream is not None:
+            parts = urlsplit(self.upstream)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ConfigError(f"--upstream must be an http(s)://HOST:PORT URL, got {self.upstream!r}")
+            if parts.path not in ("", "/") or parts.query:
+                raise ConfigError(f"--upstream takes no path or query, got {self.upstream!r}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be 0..65535, got {self.port}")
+        if self.timeouts.connect <= 0:
+            raise ConfigError("--connect-timeout must be positive")
+        if self.timeouts.idle is not None and self.timeouts.idle <= 0:
+            raise ConfigError("--idle-timeout must be positive (0 disables it)")
+        if self.timeouts.drain < 0:
+            raise ConfigError("--drain-timeout must not be negative")
+        return self
+
+    @property
+    def upstream_base(self) -> str | None:
+        return None if self.upstream is None else self.upstream.rstrip("/")

@@ -1,0 +1,34 @@
+"""Builds the aiohttp application: which paths go where."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from flushgate.proxy.errors import error_response
+from flushgate.proxy.health import healthz, readyz
+from flushgate.proxy.passthrough import forward
+from flushgate.proxy.state import GATEWAY, Gateway
+
+# The OpenAI-compatible surface vLLM serves; forwarded byte for byte.
+PASSTHROUGH_PATHS = ("/v1/{tail:.*}", "/tokenize", "/detokenize", "/version")
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return error_response(
+        404,
+        f"no route for {request.method} {request.path}",
+        type_="invalid_request_error",
+        code="not_found",
+    )
+
+
+def build_app(gateway: Gateway) -> web.Application:
+    app = web.Application()
+    app[GATEWAY] = gateway
+    router = app.router
+    router.add_get("/healthz", healthz)
+    router.add_get("/readyz", readyz)
+    for path in PASSTHROUGH_PATHS:
+        router.add_route("*", path, forward)
+    router.add_route("*", "/{tail:.*}", not_found)
+    return app

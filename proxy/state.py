@@ -1,0 +1,52 @@
+"""The gateway's shared state, owned by the application object rather than by module globals."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from flushgate.config import Timeouts
+from flushgate.proxy.upstream import Backend, Unavailable
+
+
+@dataclass(slots=True)
+class Gateway:
+    backend: Backend
+    session: aiohttp.ClientSession
+    timeouts: Timeouts
+    log: Any
+    draining: bool = False
+    inflight: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    def refusal(self) -> Unavailable | None:
+        if self.draining:
+            return Unavailable("the gateway is shutting down; retry on another instance", "draining", 1)
+        return self.backend.unavailable()
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight; False if some still were after ``timeout_s``."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

@@ -1,0 +1,88 @@
+"""The engine as the gateway sees it: a base URL, whether it can take requests, and how to ask if it is ready."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+
+from flushgate.config import Timeouts
+
+# Below uvicorn's 5 s keep-alive (vLLM's server), so a pooled connection is never reused just as the engine
+# closes it.
+POOL_KEEPALIVE_S = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """Why the engine cannot take a request right now, and when a client should try again."""
+
+    message: str
+    code: str
+    retry_after_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    detail: dict[str, object] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """What the gateway needs from an engine, attached or managed; no process code crosses this line."""
+
+    @property
+    def base_url(self) -> str: ...
+
+    def unavailable(self) -> Unavailable | None: ...
+
+    async def readiness(self, session: aiohttp.ClientSession) -> Readiness: ...
+
+
+class AttachedBackend:
+    """An engine someone else runs (the Kubernetes sidecar case): readiness follows its ``/health``."""
+
+    def __init__(self, base_url: str, probe_timeout_s: float = 2.0) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._probe_timeout = aiohttp.ClientTimeout(total=probe_timeout_s)
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    def unavailable(self) -> Unavailable | None:
+        # Requests always go through; if the engine is down the client gets a 502 naming it.
+        return None
+
+    async def readiness(self, session: aiohttp.ClientSession) -> Readiness:
+        return await probe_health(session, self._base_url, self._probe_timeout)
+
+
+async def probe_health(
+    session: aiohttp.ClientSession, base_url: str, probe_timeout: aiohttp.ClientTimeout
+) -> Readiness:
+    url = base_url + "/health"
+    try:
+        async with session.get(url, timeout=probe_timeout) as resp:
+            await resp.read()
+            return Readiness(resp.status == 200, {"upstream": base_url, "health_status": resp.status})
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Readiness(False, {"upstream": base_url, "error": str(exc) or type(exc).__name__})
+
+
+def open_session(timeouts: Timeouts) -> aiohttp.ClientSession:
+    """One pooled session for all upstream traffic.
+
+    No connection cap (aiohttp's default of 100 would silently queue the 101st stream), no decompression (bytes
+    are forwarded as sent), no cookie jar (a gateway must not carry one user's cookies to another), and no total
+    timeout: only connect and idle-between-reads limits.
+    """
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=POOL_KEEPALIVE_S)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=timeouts.idle),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Content-Type"),
+    )

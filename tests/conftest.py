@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from flushgate.config import Config, Timeouts
+from flushgate.server import Server
+from tests.fakes import FakeUpstream
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    upstream = FakeUpstream()
+    await upstream.start()
+    yield upstream
+    await upstream.stop()
+
+
+@pytest.fixture
+def timeouts() -> Timeouts:
+    return Timeouts(connect=5.0, idle=600.0, drain=5.0)
+
+
+@pytest.fixture
+async def gateway(fake: FakeUpstream, timeouts: Timeouts) -> AsyncIterator[Server]:
+    server = Server(Config(upstream=fake.url, port=0, timeouts=timeouts))
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def gateway_url(gateway: Server) -> str:
+    return f"http://127.0.0.1:{gateway.port}"
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client that shows bytes as they arrived: no decompression, no connection cap."""
+    async with aiohttp.ClientSession(
+        auto_decompress=False,
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=60),
+    ) as session:
+        yield session
