@@ -6,6 +6,8 @@ PYTEST_ARGS ?=
 
 .PHONY: help install lint test clean
 
+# Feature-specific targets (benchmarks, GPU runs, ...) live in mk/*.mk.
+
 help:
 	@echo "make test     install into $(VENV), lint, run the tests"
 	@echo "make lint     ruff and mypy"
@@ -31,3 +33,4 @@ test: lint
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+-include mk/*.mk
