@@ -18,6 +18,8 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from flushgate.proxy.affinity import affinity_key
+from flushgate.proxy.body import OutgoingBody, read_ahead
 from flushgate.proxy.errors import error_response, terminal_event
 from flushgate.proxy.headers import (
     REQUEST_ID,
@@ -26,7 +28,10 @@ from flushgate.proxy.headers import (
     stream_kind,
     upstream_request_headers,
 )
+from flushgate.proxy.pool import EngineMember
+from flushgate.proxy.router import Router
 from flushgate.proxy.state import GATEWAY, Gateway
+from flushgate.proxy.upstream import Unavailable
 from flushgate.record import RequestRecord
 from flushgate.timings import RequestTimings, now
 
@@ -37,6 +42,8 @@ FIRST_TOKEN = re.compile(
 MODEL_FIELD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
 TIMING_OPT_IN = "X-Flushgate-Timing"
 CONTENT_CAP = 1 << 20  # --log-content keeps at most this much of each side
+# Engine answers that mean "not this engine, not now": tried on another engine while the client has seen nothing.
+RETRY_STATUSES = frozenset({502, 503, 504})
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -71,35 +78,106 @@ async def _exchange(request: web.Request, gateway: Gateway, record: RequestRecor
             headers={"Retry-After": str(refusal.retry_after_s), REQUEST_ID: record.request_id},
         )
 
-    base = gateway.backend.base_url
+    router = gateway.router
+    assert router is not None  # Gateway makes one for its backend when none is given
     timings = record.timings
     if not request.body_exists:
         timings.body_done = timings.start
+    body: OutgoingBody | None = None
+    key: int | None = None
+    if request.body_exists and router.several:
+        body = await read_ahead(_request_body(request, record, gateway.log_content))
+        if body.complete and router.policy.mode == "prefix-affinity":
+            key = affinity_key(body.head)
+    tried: list[EngineMember] = []
     timings.upstream_call = now()
+    while True:
+        member = router.pick(key, tried)
+        if member is None:  # every engine left the pool or went loading/stopping since the refusal check
+            return _no_engine(router, record)
+        router.acquire(member)
+        try:
+            response = await _attempt(request, gateway, record, member, body)
+            if response is not None:
+                return response
+        finally:
+            router.release(member)
+        tried.append(member)
+
+
+async def _attempt(
+    request: web.Request,
+    gateway: Gateway,
+    record: RequestRecord,
+    member: EngineMember,
+    body: OutgoingBody | None,
+) -> web.StreamResponse | None:
+    """One try at one engine: its response relayed, an error response, or None to try another engine."""
+    router = gateway.router
+    assert router is not None
+    base = member.url
+    record.served_by = base
+    if body is not None:
+        data: object = body.payload()
+    elif request.body_exists:
+        data = _request_body(request, record, gateway.log_content)
+    else:
+        data = None
     try:
         upstream = await gateway.session.request(
             request.method,
             URL(base + request.raw_path, encoded=True),
             headers=upstream_request_headers(request.headers, record.request_id, request.remote),
-            data=_request_body(request, record, gateway.log_content) if request.body_exists else None,
+            data=data,
             allow_redirects=False,
-            trace_request_ctx=timings,
+            trace_request_ctx=record.timings,
         )
     except (aiohttp.ClientError, TimeoutError) as exc:
+        connect = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+        router.failed(member, "connect" if connect else "broken")
+        if _may_retry(router, record, body):
+            record.failover.append({"engine": base, "error": repr(exc)})
+            return None
         record.outcome = "upstream_error"
         record.error = repr(exc)
         response = _upstream_failure(exc, base, record.request_id)
         record.status = response.status
         return response
 
+    router.answered(member, upstream.status)
+    if upstream.status in RETRY_STATUSES and _may_retry(router, record, body):
+        upstream.close()
+        record.failover.append({"engine": base, "error": f"status {upstream.status}"})
+        return None
     try:
         return await _relay(request, upstream, gateway, record)
     finally:
+        if record.outcome in ("upstream_error", "idle_timeout"):
+            router.failed(member, "broken")
         # Anything short of a complete read closes the upstream connection, which is how vLLM learns to abort.
         if upstream.content.at_eof() and record.outcome == "completed":
             upstream.release()
         else:
             upstream.close()
+
+
+def _may_retry(router: Router, record: RequestRecord, body: OutgoingBody | None) -> bool:
+    """Another engine may be tried: retries are left, and the body can be sent again (or there is none)."""
+    if len(record.failover) >= router.policy.retries or not router.several:
+        return False
+    return body is None or body.replayable
+
+
+def _no_engine(router: Router, record: RequestRecord) -> web.Response:
+    refusal = router.unavailable() or Unavailable("no engine can take the request now", "no_engine", 1)
+    record.outcome = "rejected"
+    record.status = 503
+    return error_response(
+        503,
+        refusal.message,
+        code=refusal.code,
+        headers={"Retry-After": str(refusal.retry_after_s), REQUEST_ID: record.request_id},
+    )
 
 
 async def _request_body(request: web.Request, record: RequestRecord, keep: bool) -> AsyncIterator[bytes]:
@@ -218,7 +296,8 @@ async def _end_broken_stream(
         message = f"the engine sent nothing for {gateway.timeouts.idle:g} s; the stream was ended"
         code = "idle_timeout"
     else:
-        message = f"the engine at {gateway.backend.base_url} ended the stream before it was complete"
+        engine = record.served_by or gateway.backend.base_url
+        message = f"the engine at {engine} ended the stream before it was complete"
         code = "upstream_disconnected"
     kind = stream_kind(upstream.headers.get("Content-Type"))
     if kind is not None:

@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from flushgate.config import Timeouts
+from flushgate.proxy.router import Router
 from flushgate.proxy.upstream import Backend, Unavailable
 from flushgate.recorder import Recorder
 
@@ -27,9 +28,12 @@ class Gateway:
     draining: bool = False
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    router: Router | None = None  # picks the engine per request; None: one made for ``backend`` alone
 
     def __post_init__(self) -> None:
         self._idle.set()
+        if self.router is None:
+            self.router = Router.of_one(self.backend)
 
     def refusal(self) -> Unavailable | None:
         if self.draining:
