@@ -61,7 +61,7 @@ class Server:
         self._engine_outputs: list[EngineOutput] = []
         self._progress: asyncio.Task[None] | None = None
         self._receiver: OtlpReceiver | None = None
-        self._checker: HealthChecker | None = None
+        self.health_checker: HealthChecker | None = None
         self.discovery: DnsDiscovery | None = None
         self.engine_timings: EngineTimings | None = None
         self.port: int = config.port
@@ -155,14 +155,14 @@ class Server:
             await self.discovery.refresh()  # before listening: the first requests find the engines already there
             self.discovery.start()
         if router.several and config.routing.health_interval > 0:
-            self._checker = HealthChecker(
+            self.health_checker = HealthChecker(
                 router.pool,
                 session,
                 interval_s=config.routing.health_interval,
                 timeout_s=HEALTH_CHECK_TIMEOUT_S,
                 log=self.log,
             )
-            self._checker.start()
+            self.health_checker.start()
         # handler_cancellation: a client that goes away cancels its handler, which closes the upstream request,
         # even while a non-streamed request is still waiting for the engine's answer.
         self._runner = web.AppRunner(
@@ -200,8 +200,8 @@ class Server:
             await self.gateway.recorder.flush()
         if self.discovery is not None:
             await self.discovery.stop()
-        if self._checker is not None:
-            await self._checker.stop()
+        if self.health_checker is not None:
+            await self.health_checker.stop()
         await asyncio.gather(*(supervisor.stop() for supervisor in self.supervisors))
         if self._receiver is not None:
             await self._receiver.stop()

@@ -39,7 +39,8 @@ class OutgoingBody:
             yield chunk
 
 
-async def read_ahead(chunks: AsyncIterator[bytes], cap: int = READ_AHEAD_CAP) -> OutgoingBody:
+async def read_ahead(chunks: AsyncIterator[bytes], cap: int | None = None) -> OutgoingBody:
+    cap = READ_AHEAD_CAP if cap is None else cap
     parts: list[bytes] = []
     size = 0
     async for chunk in chunks:

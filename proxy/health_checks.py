@@ -38,9 +38,9 @@ class HealthChecker:
                 await self._task
 
     async def _run(self) -> None:
-        while True:
-            await self.check_once()
+        while True:  # engines start out assumed healthy: the first check is one interval in
             await asyncio.sleep(self.interval_s)
+            await self.check_once()
 
     async def check_once(self) -> None:
         """One round: every current member, concurrently."""

@@ -97,7 +97,7 @@ async def _exchange(request: web.Request, gateway: Gateway, record: RequestRecor
             return _no_engine(router, record)
         router.acquire(member)
         try:
-            response = await _attempt(request, gateway, record, member, body)
+            response = await _attempt(request, gateway, record, member, body, tried)
             if response is not None:
                 return response
         finally:
@@ -111,6 +111,7 @@ async def _attempt(
     record: RequestRecord,
     member: EngineMember,
     body: OutgoingBody | None,
+    tried: list[EngineMember],
 ) -> web.StreamResponse | None:
     """One try at one engine: its response relayed, an error response, or None to try another engine."""
     router = gateway.router
@@ -135,7 +136,7 @@ async def _attempt(
     except (aiohttp.ClientError, TimeoutError) as exc:
         connect = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
         router.failed(member, "connect" if connect else "broken")
-        if _may_retry(router, record, body):
+        if _may_retry(router, record, body, [*tried, member]):
             record.failover.append({"engine": base, "error": repr(exc)})
             return None
         record.outcome = "upstream_error"
@@ -145,7 +146,7 @@ async def _attempt(
         return response
 
     router.answered(member, upstream.status)
-    if upstream.status in RETRY_STATUSES and _may_retry(router, record, body):
+    if upstream.status in RETRY_STATUSES and _may_retry(router, record, body, [*tried, member]):
         upstream.close()
         record.failover.append({"engine": base, "error": f"status {upstream.status}"})
         return None
@@ -161,11 +162,12 @@ async def _attempt(
             upstream.close()
 
 
-def _may_retry(router: Router, record: RequestRecord, body: OutgoingBody | None) -> bool:
-    """Another engine may be tried: retries are left, and the body can be sent again (or there is none)."""
+def _may_retry(router: Router, record: RequestRecord, body: OutgoingBody | None, tried: list[EngineMember]) -> bool:
+    """Another engine may be tried: retries are left, the body can be sent again (or there is none), and there
+    is an engine not tried yet."""
     if len(record.failover) >= router.policy.retries or not router.several:
         return False
-    return body is None or body.replayable
+    return (body is None or body.replayable) and router.can_try_another(tried)
 
 
 def _no_engine(router: Router, record: RequestRecord) -> web.Response:

@@ -61,28 +61,33 @@ class Router:
         request already failed on. When every engine is ejected or failing its checks, all that are not
         loading or stopping are candidates again: trying is better than refusing when nothing is known good.
         """
-        now = self.pool.clock()
-        members = self.pool.members
-        candidates = [m for m in members if m.available(now) and m not in exclude]
-        reason = "least_outstanding"
+        candidates, reason = self._candidates(exclude)
         if not candidates:
-            candidates = [m for m in members if m.backend.unavailable() is None and m not in exclude]
-            if not candidates:
-                return None
-            reason = "panic"
+            return None
         chosen: EngineMember | None = None
         if key is not None and len(candidates) > 1:
             preferred = max(candidates, key=lambda m: _mix(key ^ m.hash))
             total = sum(m.outstanding for m in candidates)
             bound = math.ceil(self.policy.affinity_load_factor * (total + 1) / len(candidates))
             if preferred.outstanding + 1 <= bound:
-                chosen, reason = preferred, "affinity"
-            else:
-                reason = "affinity_overflow"
+                chosen = preferred
+            if reason != "panic":
+                reason = "affinity" if chosen is not None else "affinity_overflow"
         if chosen is None:
             chosen = self._least_outstanding(candidates)
         chosen.picks[reason] = chosen.picks.get(reason, 0) + 1
         return chosen
+
+    def _candidates(self, exclude: Collection[EngineMember]) -> tuple[list[EngineMember], str]:
+        now = self.pool.clock()
+        members = self.pool.members
+        candidates = [m for m in members if m.available(now) and m not in exclude]
+        if candidates:
+            return candidates, "least_outstanding"
+        return [m for m in members if m.backend.unavailable() is None and m not in exclude], "panic"
+
+    def can_try_another(self, exclude: Collection[EngineMember]) -> bool:
+        return bool(self._candidates(exclude)[0])
 
     def _least_outstanding(self, candidates: list[EngineMember]) -> EngineMember:
         """Fewest open requests; ties go round the pool so an idle pool still spreads its load."""
