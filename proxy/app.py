@@ -6,6 +6,7 @@ from aiohttp import web
 
 from flushgate.proxy.errors import error_response
 from flushgate.proxy.health import healthz, readyz
+from flushgate.proxy.ollama.api import add_ollama_routes
 from flushgate.proxy.passthrough import forward
 from flushgate.proxy.state import GATEWAY, Gateway
 
@@ -30,5 +31,6 @@ def build_app(gateway: Gateway) -> web.Application:
     router.add_get("/readyz", readyz)
     for path in PASSTHROUGH_PATHS:
         router.add_route("*", path, forward)
+    add_ollama_routes(router, gateway)
     router.add_route("*", "/{tail:.*}", not_found)
     return app
