@@ -238,6 +238,10 @@ class OllamaApi:
                 base + "/v1/embeddings", data=orjson.dumps(payload), headers=headers
             ) as resp:
                 raw = await resp.read()
+                if resp.status == 404 and b"Not Found" in raw:  # vLLM has no embeddings route for this model
+                    raise OllamaError(
+                        400, f"model '{name}' does not support embeddings: the engine serves it for generation"
+                    )
                 if resp.status != 200:
                     status = resp.status if 400 <= resp.status < 600 else 502
                     raise OllamaError(status, f"the engine cannot embed with '{name}': {engine_error_message(raw)}")

@@ -44,4 +44,6 @@ def engine_error_message(body: bytes) -> str:
             return error
         if isinstance(payload.get("message"), str):
             return str(payload["message"])
+        if isinstance(payload.get("detail"), str):  # FastAPI's own errors, e.g. a route the engine lacks
+            return str(payload["detail"])
     return body.decode("utf-8", "replace")
