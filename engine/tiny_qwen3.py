@@ -14,21 +14,23 @@ and the output head maps that direction to the next token with a large margin, s
 follow it alike. Any other context gives random tokens.
 
 Run as a script: ``python -m flushgate.engine.tiny_qwen3 DEST_DIR`` prints DEST_DIR once the folder is ready.
-Needs numpy, tokenizers and safetensors (all installed with vLLM); no network.
+Only the standard library is needed (no network, no numpy): the files are written in their documented formats.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import random
 import shutil
+import struct
 import sys
 import tempfile
+from array import array
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from flushgate.engine.qwen3_chat_template import QWEN3_CHAT_TEMPLATE
 
@@ -65,6 +67,7 @@ PLANTED_CHAIN = (
     ("Hello", "!"),
     ("!", "<|im_end|>"),
 )
+PLANTED_WORDS = ("Thinking", "Hello", "\n\n")
 
 _WORD_LIST = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
@@ -89,92 +92,139 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def _byte_level(text: str, alphabet: dict[int, str]) -> str:
-    return "".join(alphabet[b] for b in text.encode())
+def tokenizer_json() -> dict[str, Any]:
+    """A byte-level BPE (the ``tokenizers`` JSON format) with whole-word merges, plus Qwen3's added tokens.
 
-
-def build_tokenizer() -> Any:
-    """A byte-level BPE with whole-word merges for a small word list, plus Qwen3's added tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
+    Every word is built by merging its prefix with its next character, and the planted words come first, so
+    their merges rank lowest and they always come out as single tokens.
+    """
     alphabet = bytes_to_unicode()
-    vocab: dict[str, int] = {}
-    for b in range(256):
-        vocab[alphabet[b]] = b
-    merges: list[tuple[str, str]] = []
-
-    def add_word(spelled: str) -> None:
-        for i in range(1, len(spelled)):
-            left, right = spelled[:i], spelled[i]
-            if (left, right) not in seen:
-                seen.add((left, right))
-                merges.append((left, right))
-            if spelled[: i + 1] not in vocab:
-                vocab[spelled[: i + 1]] = len(vocab)
-
+    vocab = {alphabet[b]: b for b in range(256)}
+    merges: list[list[str]] = []
     seen: set[tuple[str, str]] = set()
-    # The planted words first: their merges rank lowest, so they always come out as single tokens.
-    for word in ("Thinking", "Hello", "\n\n"):
-        add_word(_byte_level(word, alphabet))
-    for word in WORDS:
-        add_word(_byte_level(word, alphabet))
-        add_word(_byte_level(" " + word, alphabet))
-        add_word(_byte_level(" " + word.capitalize(), alphabet))
+    spellings = [*PLANTED_WORDS] + [form for w in WORDS for form in (w, " " + w, " " + w.capitalize())]
+    for word in spellings:
+        spelled = "".join(alphabet[b] for b in word.encode())
+        for i in range(1, len(spelled)):
+            pair = (spelled[:i], spelled[i])
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(list(pair))
+            vocab.setdefault(spelled[: i + 1], len(vocab))
+    added = [(t, True) for t in SPECIAL_TOKENS] + [(t, False) for t in PLAIN_ADDED_TOKENS]
+    added_tokens = [
+        {
+            "id": len(vocab) + i,
+            "content": token,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": special,
+        }
+        for i, (token, special) in enumerate(added)
+    ]
+    byte_level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added_tokens,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", **byte_level},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", **byte_level},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }
 
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
-    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in PLAIN_ADDED_TOKENS])
-    for token, following in PLANTED_CHAIN:
-        for name in (token, following):
-            if tokenizer.token_to_id(name) is None:
-                raise AssertionError(f"planted token {name!r} is not a single token")
-    return tokenizer
+
+def token_ids(tokenizer: dict[str, Any]) -> dict[str, int]:
+    ids: dict[str, int] = dict(tokenizer["model"]["vocab"])
+    ids |= {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
+    return ids
 
 
-def build_weights(token_ids: dict[str, int], vocab_size: int) -> dict[str, np.ndarray]:
+Tensor = tuple[tuple[int, ...], "array[float]"]  # shape, float32 values in row-major order
+
+
+def build_weights(ids: dict[str, int]) -> dict[str, Tensor]:
     """Random Qwen3 weights, plus the planted chain in the embeddings and the output head."""
-    rng = np.random.RandomState(SEED)
-    chain_inputs = [token_ids[token] for token, _ in PLANTED_CHAIN]
-    planted_dims = len(chain_inputs)
+    rng = random.Random(SEED)
+    vocab = len(ids)
+    planted = len(PLANTED_CHAIN)  # the first dimensions belong to the planted tokens alone
     scale = 4.0  # logit margin of a planted step: scale * sqrt(HIDDEN), about 45
 
-    def random(*shape: int, std: float = 0.02) -> np.ndarray:
-        return (rng.standard_normal(shape) * std).astype(np.float32)
+    def normal(rows: int, cols: int, std: float) -> Tensor:
+        return (rows, cols), array("f", (rng.gauss(0.0, std) for _ in range(rows * cols)))
 
-    embed = rng.standard_normal((vocab_size, HIDDEN)).astype(np.float32)
-    embed[:, :planted_dims] = 0.0  # the first dimensions belong to the planted tokens alone
-    head = random(vocab_size, HIDDEN, std=0.2)
-    head[:, :planted_dims] = 0.0
+    def ones(n: int) -> Tensor:
+        return (n,), array("f", [1.0]) * n
+
+    embed = normal(vocab, HIDDEN, 1.0)
+    head = normal(vocab, HIDDEN, 0.2)
+    for values in (embed[1], head[1]):
+        for row in range(vocab):
+            values[row * HIDDEN : row * HIDDEN + planted] = array("f", [0.0]) * planted
     for dim, (token, following) in enumerate(PLANTED_CHAIN):
-        embed[token_ids[token]] = 0.0
-        embed[token_ids[token], dim] = np.sqrt(HIDDEN)  # same RMS as the random rows
-        head[token_ids[following]] = 0.0
-        head[token_ids[following], dim] = scale
+        _set_row(embed[1], ids[token], dim, math.sqrt(HIDDEN))  # same RMS as the random rows
+        _set_row(head[1], ids[following], dim, scale)
 
-    weights = {"model.embed_tokens.weight": embed, "lm_head.weight": head, "model.norm.weight": _ones(HIDDEN)}
+    weights = {"model.embed_tokens.weight": embed, "lm_head.weight": head, "model.norm.weight": ones(HIDDEN)}
     q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     for layer in range(LAYERS):
         p = f"model.layers.{layer}."
         weights |= {
-            p + "input_layernorm.weight": _ones(HIDDEN),
-            p + "post_attention_layernorm.weight": _ones(HIDDEN),
-            p + "self_attn.q_proj.weight": random(q, HIDDEN),
-            p + "self_attn.k_proj.weight": random(kv, HIDDEN),
-            p + "self_attn.v_proj.weight": random(kv, HIDDEN),
-            p + "self_attn.o_proj.weight": random(HIDDEN, q),
-            p + "self_attn.q_norm.weight": _ones(HEAD_DIM),
-            p + "self_attn.k_norm.weight": _ones(HEAD_DIM),
-            p + "mlp.gate_proj.weight": random(INTERMEDIATE, HIDDEN),
-            p + "mlp.up_proj.weight": random(INTERMEDIATE, HIDDEN),
-            p + "mlp.down_proj.weight": random(HIDDEN, INTERMEDIATE),
+            p + "input_layernorm.weight": ones(HIDDEN),
+            p + "post_attention_layernorm.weight": ones(HIDDEN),
+            p + "self_attn.q_proj.weight": normal(q, HIDDEN, 0.02),
+            p + "self_attn.k_proj.weight": normal(kv, HIDDEN, 0.02),
+            p + "self_attn.v_proj.weight": normal(kv, HIDDEN, 0.02),
+            p + "self_attn.o_proj.weight": normal(HIDDEN, q, 0.02),
+            p + "self_attn.q_norm.weight": ones(HEAD_DIM),
+            p + "self_attn.k_norm.weight": ones(HEAD_DIM),
+            p + "mlp.gate_proj.weight": normal(INTERMEDIATE, HIDDEN, 0.02),
+            p + "mlp.up_proj.weight": normal(INTERMEDIATE, HIDDEN, 0.02),
+            p + "mlp.down_proj.weight": normal(HIDDEN, INTERMEDIATE, 0.02),
         }
     return weights
 
 
-def _ones(n: int) -> np.ndarray:
-    return np.ones(n, dtype=np.float32)
+def _set_row(values: array[float], row: int, dim: int, value: float) -> None:
+    """Make ``row`` point along dimension ``dim`` only."""
+    values[row * HIDDEN : (row + 1) * HIDDEN] = array("f", [0.0]) * HIDDEN
+    values[row * HIDDEN + dim] = value
+
+
+def write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    """The safetensors layout: 8-byte little-endian header length, a JSON header, then the raw tensors."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in sorted(tensors):
+        shape, values = tensors[name]
+        size = len(values) * values.itemsize
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with path.open("wb") as out:
+        out.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name in sorted(tensors):
+            values = tensors[name][1]
+            if sys.byteorder == "big":
+                values = array("f", values)
+                values.byteswap()
+            out.write(values.tobytes())
 
 
 def _config(vocab_size: int, bos: int, eos: int) -> dict[str, Any]:
@@ -211,16 +261,13 @@ def _config(vocab_size: int, bos: int, eos: int) -> dict[str, Any]:
 
 def write_model(out: Path) -> None:
     """Write every file of the checkpoint into ``out`` (an empty folder)."""
-    from safetensors.numpy import save_file
-
-    tokenizer = build_tokenizer()
-    tokenizer.save(str(out / "tokenizer.json"))
-    token_ids: dict[str, int] = tokenizer.get_vocab(with_added_tokens=True)
-    vocab_size = len(token_ids)
-    pad, eos = token_ids["<|endoftext|>"], token_ids["<|im_end|>"]
-    save_file(build_weights(token_ids, vocab_size), str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer = tokenizer_json()
+    ids = token_ids(tokenizer)
+    pad, eos = ids["<|endoftext|>"], ids["<|im_end|>"]
+    write_safetensors(out / "model.safetensors", build_weights(ids))
     files: dict[str, Any] = {
-        "config.json": _config(vocab_size, pad, eos),
+        "tokenizer.json": tokenizer,
+        "config.json": _config(len(ids), pad, eos),
         # Qwen3's sampling defaults; the planted reply holds under them.
         "generation_config.json": {
             "bos_token_id": pad,
@@ -247,7 +294,7 @@ def write_model(out: Path) -> None:
         "special_tokens_map.json": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
     }
     for name, content in files.items():
-        (out / name).write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
+        (out / name).write_text(json.dumps(content, indent=1, ensure_ascii=False) + "\n")
 
 
 def is_ready(dest: Path) -> bool:
@@ -256,7 +303,7 @@ def is_ready(dest: Path) -> bool:
 
 
 def ensure_tiny_qwen3(dest: Path) -> Path:
-    """Return ``dest`` holding the tiny Qwen3 folder, building it on first use (about a second).
+    """Return ``dest`` holding the tiny Qwen3 folder, building it on first use (a second or two).
 
     The build goes to a temporary folder next to ``dest``, gets its marker last and is renamed into place under a
     lock file, so concurrent callers and interrupted builds never see a half-written folder.

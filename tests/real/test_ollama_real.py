@@ -1,0 +1,317 @@
+"""The Ollama and OpenAI APIs through flushgate against a real vLLM on the CPU, with the official client packages.
+
+The engine serves the tiny Qwen3 test model (engine/tiny_qwen3.py) with vLLM's qwen3 reasoning parser and hermes
+tool parser. Its weights are random except for one planted reply: ``<think>Thinking</think>\\n\\nHello!`` when the
+prompt asks for thinking, ``Hello!`` when it does not. So every test knows which words must reach which field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import ollama
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from flushgate.config import Config
+from flushgate.engine.tiny_qwen3 import ensure_tiny_qwen3
+from flushgate.server import Server
+
+pytest.importorskip("vllm")
+
+pytestmark = [pytest.mark.real_engine, pytest.mark.timeout(400)]
+
+MODEL = "tiny-qwen3"
+REPO = Path(__file__).resolve().parents[2]
+MODEL_CACHE = Path(os.environ.get("FLUSHGATE_MODEL_CACHE", REPO / ".cache" / "models"))
+STARTUP_TIMEOUT_S = 300
+READY_LINE = "Application startup complete"
+USER = [{"role": "user", "content": "What is the weather in the city?"}]
+OPENAI_USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": USER[0]["content"]}]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EngineProcess:
+    """vLLM's OpenAI server as a child process; ready once it logs that its application started."""
+
+    def __init__(self, model_dir: Path, args: list[str], log_path: Path) -> None:
+        self.port = free_port()
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+        command = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--enforce-eager",
+            "--dtype",
+            "float32",
+            *args,
+        ]
+        self.log_path = log_path
+        self._ready = threading.Event()
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        self._reader = threading.Thread(target=self._copy_log, daemon=True)
+        self._reader.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _copy_log(self) -> None:
+        assert self.process.stdout is not None
+        with self.log_path.open("w") as log:
+            for line in self.process.stdout:
+                log.write(line)
+                log.flush()
+                if READY_LINE in line:
+                    self._ready.set()
+        self._ready.set()  # the process ended: stop waiting
+
+    def wait_ready(self) -> None:
+        if not self._ready.wait(STARTUP_TIMEOUT_S) or self.process.poll() is not None:
+            tail = self.log_path.read_text()[-3000:]
+            raise RuntimeError(f"vLLM did not start (exit code {self.process.poll()}); log tail:\n{tail}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(10)
+
+
+@pytest.fixture(scope="session")
+def qwen3_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    model_dir = ensure_tiny_qwen3(MODEL_CACHE / "tiny-qwen3")
+    args = ["--served-model-name", MODEL, "--reasoning-parser", "qwen3"]
+    args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    engine = EngineProcess(model_dir, args, tmp_path_factory.mktemp("vllm") / "tiny-qwen3.log")
+    try:
+        engine.wait_ready()
+        yield engine.url
+    finally:
+        engine.stop()
+
+
+@pytest.fixture
+async def gateway_url(qwen3_engine: str) -> AsyncIterator[str]:
+    server = Server(Config(upstream=qwen3_engine, port=0))
+    await server.start()
+    yield f"http://127.0.0.1:{server.port}"
+    await server.stop()
+
+
+@pytest.fixture
+def client(gateway_url: str) -> ollama.AsyncClient:
+    return ollama.AsyncClient(host=gateway_url, timeout=120)
+
+
+# --- the official ollama package -------------------------------------------------------------------------------
+
+
+async def test_list_shows_the_model_and_its_thinking_aliases(client: ollama.AsyncClient) -> None:
+    listed = await client.list()
+    assert [m.model for m in listed.models] == [f"{MODEL}:latest", f"{MODEL}:think", f"{MODEL}:nothink"]
+    first = listed.models[0]
+    assert first.details is not None
+    assert (first.details.family, first.details.format) == ("qwen3", "safetensors")
+    assert first.size is not None
+    assert first.size > 0
+
+
+async def test_chat_stream_with_thinking_puts_thinking_and_answer_in_their_fields(client: ollama.AsyncClient) -> None:
+    parts = [part async for part in await client.chat(model=MODEL, messages=USER, think=True, stream=True)]
+    thinking = "".join(p.message.thinking or "" for p in parts)
+    content = "".join(p.message.content or "" for p in parts)
+    assert (thinking, content.strip()) == ("Thinking", "Hello!")
+    assert [p.done for p in parts].count(True) == 1
+    assert parts[-1].done
+    assert parts[-1].done_reason == "stop"
+
+
+async def test_chat_stream_without_thinking_has_only_the_answer(client: ollama.AsyncClient) -> None:
+    parts = [part async for part in await client.chat(model=MODEL, messages=USER, think=False, stream=True)]
+    assert "".join(p.message.content or "" for p in parts) == "Hello!"
+    assert all(not p.message.thinking for p in parts)
+
+
+@pytest.mark.parametrize(("alias", "thinks"), [("think", True), ("nothink", False)])
+async def test_a_thinking_alias_picks_the_mode(client: ollama.AsyncClient, alias: str, thinks: bool) -> None:
+    reply = await client.chat(model=f"{MODEL}:{alias}", messages=USER)
+    assert reply.model == f"{MODEL}:{alias}"
+    assert reply.message.content is not None
+    assert reply.message.content.strip() == "Hello!"
+    assert (reply.message.thinking == "Thinking") is thinks
+
+
+async def test_chat_not_streamed_has_the_whole_message_and_real_timings(client: ollama.AsyncClient) -> None:
+    started = time.perf_counter_ns()
+    reply = await client.chat(model=MODEL, messages=USER, think=True)
+    wall = time.perf_counter_ns() - started
+    assert reply.message.thinking == "Thinking"
+    assert reply.done
+    assert reply.eval_count == 7  # <think> Thinking </think> \n\n Hello ! <|im_end|>
+    assert reply.prompt_eval_count is not None
+    assert reply.prompt_eval_count > 10
+    durations = [reply.load_duration, reply.prompt_eval_duration, reply.eval_duration]
+    assert all(d is not None and d > 0 for d in durations)
+    assert reply.total_duration is not None
+    assert sum(d for d in durations if d is not None) <= reply.total_duration <= wall
+
+
+async def test_generate_streamed_and_not(client: ollama.AsyncClient) -> None:
+    parts = [p async for p in await client.generate(model=MODEL, prompt="Hi", think=False, stream=True)]
+    assert "".join(p.response or "" for p in parts) == "Hello!"
+    assert parts[-1].done
+    assert parts[-1].eval_count == 3
+    reply = await client.generate(model=MODEL, prompt="Hi", think=True)
+    assert (reply.thinking, (reply.response or "").strip()) == ("Thinking", "Hello!")
+
+
+async def test_show_and_ps_describe_the_served_model(client: ollama.AsyncClient) -> None:
+    shown = await client.show(MODEL)
+    assert shown.capabilities == ["completion", "tools", "thinking"]
+    assert shown.modelinfo is not None
+    assert shown.modelinfo["qwen3.context_length"] == 4096
+    running = await client.ps()
+    assert running.models[0].model == f"{MODEL}:latest"
+    assert running.models[0].context_length == 4096
+
+
+async def test_version_parses_as_integers(gateway_url: str) -> None:
+    async with aiohttp.ClientSession() as http, http.get(gateway_url + "/api/version") as resp:
+        version = (await resp.json())["version"]
+    assert all(part.isdigit() for part in version.split("."))
+
+
+async def test_each_engine_event_becomes_one_line(qwen3_engine: str, gateway_url: str) -> None:
+    """Same request to the engine and through the gateway: one NDJSON line per event with text, plus the final."""
+    engine_body = {
+        "model": MODEL,
+        "messages": USER,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "chat_template_kwargs": {"enable_thinking": True},
+    }
+    async with aiohttp.ClientSession() as http:
+        async with http.post(qwen3_engine + "/v1/chat/completions", json=engine_body) as resp:
+            events = [json.loads(line[6:]) for line in (await resp.text()).split("\n\n") if line.startswith("data: {")]
+        text_events = [e for e in events if e["choices"] and _has_text(e["choices"][0]["delta"])]
+        body = {"model": MODEL, "messages": USER, "think": True}
+        async with http.post(gateway_url + "/api/chat", json=body) as resp:
+            lines = [json.loads(line) for line in (await resp.text()).splitlines()]
+    assert len(lines) == len(text_events) + 1
+    assert [line["done"] for line in lines] == [False] * len(text_events) + [True]
+
+
+def _has_text(delta: dict[str, Any]) -> bool:
+    return bool(delta.get("content") or delta.get("reasoning"))
+
+
+async def test_structured_output_with_a_json_schema(client: ollama.AsyncClient) -> None:
+    reply = await client.chat(model=MODEL, messages=USER, think=False, format={"type": "boolean"})
+    assert json.loads(reply.message.content or "") in (True, False)
+
+
+OSLO = {"city": "Oslo"}
+
+
+async def test_tools_and_tool_history_reach_the_template(client: ollama.AsyncClient) -> None:
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    history: list[dict[str, Any]] = [  # a tool call the model made earlier, and its result
+        *USER,
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": OSLO}}]},
+        {"role": "tool", "content": "4 degrees", "tool_name": "get_weather"},
+    ]
+    with_tools = await client.chat(model=MODEL, messages=history, tools=[tool], think=False)
+    without = await client.chat(model=MODEL, messages=USER, think=False)
+    assert with_tools.message.content == "Hello!"
+    assert with_tools.prompt_eval_count is not None
+    assert without.prompt_eval_count is not None
+    assert with_tools.prompt_eval_count > without.prompt_eval_count + 50  # the tools block and the history
+
+
+async def test_bad_requests_get_ollamas_errors(client: ollama.AsyncClient) -> None:
+    with pytest.raises(ollama.ResponseError) as caught:
+        await client.chat(model=MODEL, messages=USER, options={"num_ctx": 100_000})
+    assert caught.value.status_code == 400
+    assert "4096" in caught.value.error
+    with pytest.raises(ollama.ResponseError) as caught:
+        await client.chat(model="llama3", messages=USER)
+    assert caught.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as caught:
+        await client.embed(model=MODEL, input="hi")
+    assert caught.value.status_code == 400
+    assert "does not support embeddings" in caught.value.error
+
+
+# --- the official openai package through the same gateway ------------------------------------------------------
+
+
+@pytest.fixture
+async def openai_client(gateway_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(base_url=gateway_url + "/v1", api_key="none", max_retries=0)
+    yield client
+    await client.close()
+
+
+async def test_openai_chat_stream_with_enable_thinking_gives_the_reasoning_field(
+    openai_client: openai.AsyncOpenAI,
+) -> None:
+    results: dict[bool, tuple[str, str]] = {}
+    for thinking in (True, False):
+        stream = await openai_client.chat.completions.create(
+            model=MODEL,
+            messages=OPENAI_USER,
+            stream=True,
+            extra_body={"chat_template_kwargs": {"enable_thinking": thinking}},
+        )
+        reasoning, content = "", ""
+        async for chunk in stream:
+            if chunk.choices:
+                delta: Any = chunk.choices[0].delta
+                reasoning += getattr(delta, "reasoning", None) or ""
+                content += delta.content or ""
+        results[thinking] = (reasoning, content.strip())
+    assert results == {True: ("Thinking", "Hello!"), False: ("", "Hello!")}
+
+
+async def test_openai_completions_and_models(openai_client: openai.AsyncOpenAI) -> None:
+    models = await openai_client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    completion = await openai_client.completions.create(model=MODEL, prompt="The sky is", max_tokens=5, seed=1)
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 5
+    assert completion.choices[0].finish_reason == "length"
