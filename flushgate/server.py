@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from flushgate import __version__
 from flushgate.config import Config
-from flushgate.logs import get_logger
+from flushgate.engine.backend import EngineBackend
+from flushgate.engine.command import build_spec
+from flushgate.engine.presets import get_preset
+from flushgate.engine.supervisor import EngineSupervisor
+from flushgate.engine_output import EngineOutput, show_progress
+from flushgate.logs import get_logger, is_console
 from flushgate.proxy.app import build_app
 from flushgate.proxy.state import Gateway
 from flushgate.proxy.upstream import AttachedBackend, Backend, open_session
@@ -25,14 +32,39 @@ class Server:
         self._backend = backend
         self._runner: web.AppRunner | None = None
         self.gateway: Gateway | None = None
+        self.supervisor: EngineSupervisor | None = None
+        self._engine_output: EngineOutput | None = None
+        self._progress: asyncio.Task[None] | None = None
         self.port: int = config.port
+
+    def _make_backend(self) -> Backend:
+        config = self.config
+        if config.upstream_base is not None:
+            return AttachedBackend(config.upstream_base)
+        assert config.model is not None
+        spec = build_spec(
+            config.model,
+            python=config.engine_python or sys.executable,
+            preset=get_preset(config.preset) if config.preset else None,
+            extra_args=config.engine_args,
+            served_model_name=config.served_model_name,
+        )
+        console = is_console(config.log_format)
+        log_file = Path(config.engine_log or ".cache/flushgate/engine.log") if console else None
+        self._engine_output = EngineOutput(self.log, console=console, log_file=log_file)
+        self.supervisor = EngineSupervisor(
+            spec,
+            on_line=self._engine_output.line,
+            on_event=self._engine_output.event,
+            stop_grace_s=config.engine_grace,
+        )
+        if console:
+            self._progress = asyncio.create_task(show_progress(self.supervisor, log_file))
+        return EngineBackend(self.supervisor)
 
     async def start(self) -> None:
         config = self.config
-        backend = self._backend
-        if backend is None:
-            assert config.upstream_base is not None
-            backend = AttachedBackend(config.upstream_base)
+        backend = self._backend or self._make_backend()
         self.gateway = Gateway(
             backend=backend, session=open_session(config.timeouts), timeouts=config.timeouts, log=self.log
         )
@@ -51,7 +83,10 @@ class Server:
             url=f"http://{config.host}:{self.port}",
             upstream=backend.base_url,
             idle_timeout_s=config.timeouts.idle,
+            managed_engine=self.supervisor is not None,
         )
+        if self.supervisor is not None:
+            self.supervisor.start()  # after binding: the gateway answers (503 + Retry-After) while the model loads
 
     def begin_drain(self) -> None:
         """From now on readiness fails and new requests get 503; in-flight ones carry on."""
@@ -64,6 +99,12 @@ class Server:
         if self.gateway is not None:
             drained = await self.gateway.wait_idle(self.config.timeouts.drain)
             self.log.info("drained" if drained else "drain_timeout", inflight=self.gateway.inflight)
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        if self._progress is not None:
+            self._progress.cancel()
+        if self._engine_output is not None:
+            self._engine_output.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.gateway is not None:

@@ -88,6 +88,7 @@ async def _relay(
 ) -> web.StreamResponse:
     timings = record.timings
     timings.upstream_headers = now()
+    record.status = upstream.status
     response = web.StreamResponse(
         status=upstream.status,
         reason=upstream.reason,
