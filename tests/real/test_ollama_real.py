@@ -1,18 +1,15 @@
-"""The Ollama and OpenAI APIs through flushgate against a real vLLM on the CPU, with the official client packages.
+"""The Ollama and OpenAI APIs through flushgate managing real vLLMs on the CPU, with the official client packages.
 
-The engine serves the tiny Qwen3 test model (engine/tiny_qwen3.py) with vLLM's qwen3 reasoning parser and hermes
-tool parser. Its weights are random except for one planted reply: ``<think>Thinking</think>\\n\\nHello!`` when the
-prompt asks for thinking, ``Hello!`` when it does not. So every test knows which words must reach which field.
+Two engines: the shared SmolLM2-135M-Instruct (a real chat model whose template has no thinking switch), and the
+tiny Qwen3 test model (engine/tiny_qwen3.py) with vLLM's qwen3 reasoning parser. The tiny Qwen3's weights are
+random except for one planted reply: ``<think>Thinking</think>\\n\\nHello!`` when the prompt asks for thinking,
+``Hello!`` when it does not, so every test knows which words must reach which field.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,106 +21,32 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from flushgate.config import Config
 from flushgate.engine.tiny_qwen3 import ensure_tiny_qwen3
-from flushgate.server import Server
+from tests.real.conftest import ROOT, GatewayProcess, start_managed
 
-pytest.importorskip("vllm")
-
-pytestmark = [pytest.mark.real_engine, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.real_engine, pytest.mark.timeout(400)]  # the first test also waits for two engines
 
 MODEL = "tiny-qwen3"
-REPO = Path(__file__).resolve().parents[2]
-MODEL_CACHE = Path(os.environ.get("FLUSHGATE_MODEL_CACHE", REPO / ".cache" / "models"))
-STARTUP_TIMEOUT_S = 300
-READY_LINE = "Application startup complete"
+SMOL = "smollm2-135m-instruct"
+QWEN3_DIR = Path(os.environ.get("FLUSHGATE_TEST_QWEN3_MODEL", ROOT / ".cache" / "models" / "tiny-qwen3"))
+# As the qwen3-14b-fp8 preset: Qwen3's reasoning parser splits <think> text off; tools use the hermes parser.
+QWEN3_ENGINE_ARGS = "--reasoning-parser qwen3 --enable-auto-tool-choice --tool-call-parser hermes"
 USER = [{"role": "user", "content": "What is the weather in the city?"}]
 OPENAI_USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": USER[0]["content"]}]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class EngineProcess:
-    """vLLM's OpenAI server as a child process; ready once it logs that its application started."""
-
-    def __init__(self, model_dir: Path, args: list[str], log_path: Path) -> None:
-        self.port = free_port()
-        env = os.environ | {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-        command = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--enforce-eager",
-            "--dtype",
-            "float32",
-            *args,
-        ]
-        self.log_path = log_path
-        self._ready = threading.Event()
-        self.process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-        )
-        self._reader = threading.Thread(target=self._copy_log, daemon=True)
-        self._reader.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _copy_log(self) -> None:
-        assert self.process.stdout is not None
-        with self.log_path.open("w") as log:
-            for line in self.process.stdout:
-                log.write(line)
-                log.flush()
-                if READY_LINE in line:
-                    self._ready.set()
-        self._ready.set()  # the process ended: stop waiting
-
-    def wait_ready(self) -> None:
-        if not self._ready.wait(STARTUP_TIMEOUT_S) or self.process.poll() is not None:
-            tail = self.log_path.read_text()[-3000:]
-            raise RuntimeError(f"vLLM did not start (exit code {self.process.poll()}); log tail:\n{tail}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._reader.join(10)
-
-
 @pytest.fixture(scope="session")
-def qwen3_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    model_dir = ensure_tiny_qwen3(MODEL_CACHE / "tiny-qwen3")
-    args = ["--served-model-name", MODEL, "--reasoning-parser", "qwen3"]
-    args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-    engine = EngineProcess(model_dir, args, tmp_path_factory.mktemp("vllm") / "tiny-qwen3.log")
-    try:
-        engine.wait_ready()
-        yield engine.url
-    finally:
-        engine.stop()
+def qwen3_gateway() -> Iterator[GatewayProcess]:
+    """flushgate managing a second real vLLM, serving the tiny Qwen3 with Qwen3's reasoning parser."""
+    model_dir = ensure_tiny_qwen3(QWEN3_DIR)
+    gateway = start_managed(model_dir, "--served-model-name", MODEL, f"--engine-arg={QWEN3_ENGINE_ARGS}")
+    yield gateway
+    gateway.stop()
 
 
 @pytest.fixture
-async def gateway_url(qwen3_engine: str) -> AsyncIterator[str]:
-    server = Server(Config(upstream=qwen3_engine, port=0))
-    await server.start()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.stop()
+def gateway_url(qwen3_gateway: GatewayProcess) -> str:
+    return qwen3_gateway.url
 
 
 @pytest.fixture
@@ -209,7 +132,7 @@ async def test_version_parses_as_integers(gateway_url: str) -> None:
     assert all(part.isdigit() for part in version.split("."))
 
 
-async def test_each_engine_event_becomes_one_line(qwen3_engine: str, gateway_url: str) -> None:
+async def test_each_engine_event_becomes_one_line(qwen3_gateway: GatewayProcess, gateway_url: str) -> None:
     """Same request to the engine and through the gateway: one NDJSON line per event with text, plus the final."""
     engine_body = {
         "model": MODEL,
@@ -219,7 +142,8 @@ async def test_each_engine_event_becomes_one_line(qwen3_engine: str, gateway_url
         "chat_template_kwargs": {"enable_thinking": True},
     }
     async with aiohttp.ClientSession() as http:
-        async with http.post(qwen3_engine + "/v1/chat/completions", json=engine_body) as resp:
+        engine_url = qwen3_gateway.engine["url"]
+        async with http.post(engine_url + "/v1/chat/completions", json=engine_body) as resp:
             events = [json.loads(line[6:]) for line in (await resp.text()).split("\n\n") if line.startswith("data: {")]
         text_events = [e for e in events if e["choices"] and _has_text(e["choices"][0]["delta"])]
         body = {"model": MODEL, "messages": USER, "think": True}
@@ -315,3 +239,34 @@ async def test_openai_completions_and_models(openai_client: openai.AsyncOpenAI) 
     assert completion.usage is not None
     assert completion.usage.completion_tokens == 5
     assert completion.choices[0].finish_reason == "length"
+
+
+# --- SmolLM2 on the shared managed engine --------------------------------------------------------------------
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+GREEDY = {"temperature": 0, "num_predict": 32}
+
+
+async def test_smollm2_streams_a_real_answer_in_pieces_through_the_ollama_api(smol_gateway: GatewayProcess) -> None:
+    client = ollama.AsyncClient(host=smol_gateway.url, timeout=120)
+    listed = await client.list()
+    assert [m.model for m in listed.models] == [f"{SMOL}:latest"]  # no thinking switch, so no aliases
+    parts = [p async for p in await client.chat(model=SMOL, messages=CAPITAL, options=GREEDY, stream=True)]
+    pieces = [p.message.content for p in parts if p.message.content]
+    assert "Paris" in "".join(pieces)
+    assert len(pieces) > 3, "the answer arrived in one piece, not streamed"
+    final = parts[-1]
+    assert final.done
+    assert final.eval_count is not None
+    assert 0 < final.eval_count <= 32
+    assert all(d is not None and d > 0 for d in (final.total_duration, final.prompt_eval_duration, final.eval_duration))
+
+
+async def test_smollm2_generate_and_its_refusal_to_think(smol_gateway: GatewayProcess) -> None:
+    client = ollama.AsyncClient(host=smol_gateway.url, timeout=120)
+    reply = await client.generate(model=SMOL, prompt="What is the capital of France?", options=GREEDY)
+    assert "Paris" in (reply.response or "")
+    assert reply.thinking is None
+    with pytest.raises(ollama.ResponseError) as caught:
+        await client.chat(model=SMOL, messages=CAPITAL, think=True)
+    assert (caught.value.status_code, caught.value.error) == (400, f'"{SMOL}" does not support thinking')
