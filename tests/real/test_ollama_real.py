@@ -8,8 +8,10 @@ random except for one planted reply: ``<think>Thinking</think>\\n\\nHello!`` whe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -270,3 +272,98 @@ async def test_smollm2_generate_and_its_refusal_to_think(smol_gateway: GatewayPr
     with pytest.raises(ollama.ResponseError) as caught:
         await client.chat(model=SMOL, messages=CAPITAL, think=True)
     assert (caught.value.status_code, caught.value.error) == (400, f'"{SMOL}" does not support thinking')
+
+
+# --- Open WebUI (PyPI open-webui) with flushgate as its Ollama server: make open-webui-check ------------------
+
+OPEN_WEBUI = os.environ.get("FLUSHGATE_OPEN_WEBUI")  # path of the open-webui executable
+OPEN_WEBUI_READY_S = 180
+
+
+@pytest.fixture
+async def open_webui(qwen3_gateway: GatewayProcess, tmp_path: Path) -> AsyncIterator[str]:
+    """Open WebUI on a fresh database, with flushgate as its only (Ollama) backend."""
+    if not OPEN_WEBUI:
+        pytest.skip("set FLUSHGATE_OPEN_WEBUI to an open-webui executable (make open-webui-check does)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = os.environ | {
+        "DATA_DIR": str(tmp_path),
+        "WEBUI_SECRET_KEY": "flushgate-test-secret-key-of-32-bytes",
+        "OFFLINE_MODE": "true",
+        "HF_HUB_OFFLINE": "1",
+        "RAG_EMBEDDING_MODEL": "",
+        "BYPASS_EMBEDDING_AND_RETRIEVAL": "true",
+        "ENABLE_VERSION_UPDATE_CHECK": "false",
+        "ANONYMIZED_TELEMETRY": "false",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "ENABLE_OLLAMA_API": "true",
+        "OLLAMA_BASE_URL": qwen3_gateway.url,
+        "ENABLE_OPENAI_API": "false",
+    }
+    log = (tmp_path / "open-webui.log").open("w")
+    process = await asyncio.create_subprocess_exec(
+        OPEN_WEBUI, "serve", "--host", "127.0.0.1", "--port", str(port), cwd=tmp_path, env=env, stdout=log, stderr=log
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await until_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+        log.close()
+
+
+async def until_healthy(url: str, process: asyncio.subprocess.Process) -> None:
+    """Open WebUI logs no reliable start line, so its /health is polled until it answers."""
+    deadline = time.monotonic() + OPEN_WEBUI_READY_S
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            assert process.returncode is None, f"open-webui exited with code {process.returncode}"
+            try:
+                async with http.get(url + "/health") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.5)
+    pytest.fail(f"open-webui did not answer /health within {OPEN_WEBUI_READY_S} s")
+
+
+async def test_open_webui_lists_the_model_with_its_aliases_and_streams_both_modes(open_webui: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        user = {"name": "test", "email": "test@example.com", "password": "flushgate-test-password"}
+        async with http.post(open_webui + "/api/v1/auths/signup", json=user) as resp:
+            assert resp.status == 200, await resp.text()
+            auth = {"Authorization": "Bearer " + (await resp.json())["token"]}
+        async with http.get(open_webui + "/api/models", headers=auth) as resp:
+            listed = [m["id"] for m in (await resp.json())["data"]]
+        assert listed == [f"{MODEL}:latest", f"{MODEL}:think", f"{MODEL}:nothink"]
+        answers = {}
+        for alias in ("think", "nothink"):
+            body = {"model": f"{MODEL}:{alias}", "messages": USER, "stream": True}
+            async with http.post(open_webui + "/api/chat/completions", json=body, headers=auth) as resp:
+                assert resp.status == 200
+                deltas = [
+                    json.loads(line[6:])["choices"][0]["delta"]
+                    async for line in _sse_lines(resp)
+                    if line.startswith("data: {") and json.loads(line[6:]).get("choices")
+                ]
+            answers[alias] = (
+                "".join(d.get("reasoning_content") or "" for d in deltas),
+                "".join(d.get("content") or "" for d in deltas).strip(),
+            )
+    assert answers == {"think": ("Thinking", "Hello!"), "nothink": ("", "Hello!")}
+
+
+async def _sse_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if line:
+            yield line
