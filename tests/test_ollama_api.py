@@ -249,3 +249,16 @@ async def test_embed_on_an_engine_without_embeddings_is_a_clear_error(
     assert got["error"] == "model 'qwen3' does not support embeddings: the engine serves it for generation"
     async with http.post(gateway_url + "/api/embed", json={"model": "qwen3", "input": 5}) as resp:
         assert resp.status == 400
+
+
+async def test_legacy_embeddings_answers_one_vector(
+    engine: ScriptedEngine, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    async def embeddings(request: web.Request) -> web.Response:
+        assert await request.json() == {"model": "qwen3", "input": "a"}
+        return web.json_response({"data": [{"index": 0, "embedding": [0.5, 0.25]}], "usage": {"prompt_tokens": 1}})
+
+    engine.embeddings = embeddings
+    async with http.post(gateway_url + "/api/embeddings", json={"model": "qwen3", "prompt": "a"}) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"embedding": [0.5, 0.25]}
