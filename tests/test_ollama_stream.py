@@ -9,6 +9,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from flushgate.config import Config, Timeouts
 from flushgate.proxy.ollama import api, lines, relay
@@ -366,3 +367,28 @@ async def test_final_line_has_every_duration_positive_and_within_the_total(
     assert all(isinstance(p, int) and p > 0 for p in parts)
     assert isinstance(final["total_duration"], int)
     assert sum(parts) <= final["total_duration"]  # type: ignore[arg-type]
+
+
+async def test_each_ollama_answer_is_logged_as_one_request_record_of_the_ollama_api(
+    engine: ScriptedEngine, gateway: Server, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    engine.generation = scripted(
+        chat_event(reasoning="a"), chat_event("b"), chat_event(finish_reason="stop"), usage_event(4, 2), DONE_EVENT
+    )
+    body = {"model": "fake-model:think", "messages": [{"role": "user", "content": "x"}]}
+    with capture_logs() as logs:
+        raw = orjson.dumps(body)
+        async with http.post(gateway_url + "/api/chat", data=raw, headers={"X-Request-ID": "req-7"}) as resp:
+            await resp.read()
+        await gateway.stop()  # publishes every pending record
+    (record,) = [entry for entry in logs if entry["event"] == "request"]
+    assert (record["api"], record["path"], record["model"], record["stream"]) == (
+        "ollama",
+        "/api/chat",
+        "fake-model:think",
+        True,
+    )
+    assert (record["request_id"], record["status"], record["outcome"]) == ("req-7", 200, "completed")
+    assert record["events_out"] == 3  # thinking, answer, final line
+    assert record["upstream_ttfb_ms"] <= record["first_token_ms"] <= record["total_ms"]
+    assert record["bytes_in"] == len(raw)

@@ -172,17 +172,23 @@ class OllamaApi:
     async def _generation(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         gateway = self.gateway
         request_id = request.headers.get(REQUEST_ID) or new_request_id()
-        record = RequestRecord(request_id, request.method, request.path, RequestTimings(start=now()))
+        timings = RequestTimings(start=now())
+        record = RequestRecord(request_id, request.method, request.path, timings, api="ollama")
         clock = AnswerClock(start=perf_counter_ns())
         gateway.enter()
         try:
             try:
-                body = parse_body(await read_limited(request))
-                choice = await self.registry.resolve(requested_model(body))
+                raw = await read_limited(request)
+                timings.body_done = now()
+                timings.bytes_in = len(raw)
+                body = parse_body(raw)
+                record.model = requested_model(body)
+                choice = await self.registry.resolve(record.model)
                 call = chat_call(body, choice) if kind == "chat" else generate_call(body, choice)
                 if call is None:
                     response: web.StreamResponse = _json(load_object(kind, choice.name))
                 else:
+                    record.stream = call.stream
                     response = await answer(request, gateway, call, record, clock)
             except OllamaError as exc:
                 if record.outcome == "completed":
@@ -196,8 +202,8 @@ class OllamaApi:
             raise
         finally:
             gateway.leave()
-            record.timings.end = now()
-            record.emit(gateway.log)
+            timings.end = now()
+            gateway.recorder.finish(record)
 
     async def embed(self, request: web.Request) -> web.Response:
         body = parse_body(await read_limited(request))

@@ -23,6 +23,7 @@ from flushgate.proxy.ollama.request import EngineCall
 from flushgate.proxy.ollama.sse import SseEvents
 from flushgate.proxy.state import Gateway
 from flushgate.record import RequestRecord
+from flushgate.timings import now
 
 NDJSON_HEADERS = {
     "Content-Type": "application/x-ndjson",
@@ -55,11 +56,13 @@ async def open_engine_stream(
         record.outcome = "rejected"
         raise OllamaError(503, refusal.message, {"Retry-After": str(refusal.retry_after_s)})
     base = gateway.backend.base_url
+    record.timings.upstream_call = now()
     try:
         upstream = await gateway.session.post(
             URL(base + call.path, encoded=True),
             data=orjson.dumps(call.body),
             headers=upstream_headers(request, record.request_id),
+            trace_request_ctx=record.timings,  # the session's tracing stamps connect or pooled reuse here
         )
     except aiohttp.ConnectionTimeoutError:
         raise _upstream_error(record, 504, f"connecting to the engine at {base} timed out") from None
@@ -93,6 +96,7 @@ async def answer(
     upstream = await open_engine_stream(request, gateway, call, record)
     clock.mark_headers()
     record.timings.upstream_headers = clock.headers / 1e9
+    record.status = upstream.status
     try:
         if call.stream:
             return await _stream_lines(request, upstream, gateway, call, record, clock)
@@ -120,6 +124,7 @@ async def _stream_lines(
     frames = SseEvents()
     read = upstream.content.readany
     write = response.write
+    hops = gateway.hop_timing
     finished = False
     try:
         while True:
@@ -132,36 +137,41 @@ async def _stream_lines(
                 if not finished:
                     await write(error_line(_cut_stream(gateway, record)))
                 return response
+            arrival = now()
+            if hops:
+                timings.arrivals.append(arrival)
             for data in frames.feed(chunk):
                 stamp = perf_counter_ns()
                 if data == b"[DONE]":
-                    if not finished:
-                        clock.generated = clock.generated or stamp
-                        line = orjson.dumps(final_object(kind, model, events, clock)) + b"\n"
-                        finished = True
-                    else:
+                    if finished:
                         continue
+                    clock.generated = clock.generated or stamp
+                    line = orjson.dumps(final_object(kind, model, events, clock)) + b"\n"
+                    finished = True
                 else:
                     try:
                         content, thinking = events.read(data, stamp)
-                        if events.prompt_tokens is not None and not clock.generated:
-                            clock.generated = stamp
                         line = text_line(kind, model, content, thinking) if content or thinking else b""
                         if events.finish_reason and events.has_tool_calls:  # the calls are whole now
                             line += tool_calls_line(kind, model, events.take_tool_calls())
-                        if not line:
-                            continue
                     except EngineStreamError as exc:
                         record.outcome = "upstream_error"
                         record.error = str(exc)
                         await write(error_line(str(exc)))
                         return response
-                if not timings.chunks:
-                    timings.first_chunk = stamp / 1e9
-                timings.last_chunk = stamp / 1e9
-                timings.chunks += 1
+                    if events.prompt_tokens is not None and not clock.generated:
+                        clock.generated = stamp
+                    if events.first_token_ns and not timings.first_token:
+                        timings.first_token = events.first_token_ns / 1e9
+                    if not line:
+                        continue
+                timings.events += 1
                 timings.bytes_out += len(line)
+                before = now()
                 await write(line)
+                timings.write_blocked += now() - before
+            if hops:
+                timings.handling.append(now() - arrival)
     except ConnectionResetError as exc:  # the client went away
         record.outcome = "client_abort"
         record.error = repr(exc)
@@ -195,11 +205,14 @@ async def _collect(
                 await upstream.content.read()  # to the end, so the connection goes back to the pool
                 body = orjson.dumps(obj)
                 record.timings.bytes_out = len(body)
+                record.timings.events = 1
                 return web.Response(body=body, content_type="application/json", headers=headers)
             try:
                 text, thought = events.read(data, stamp)
                 if events.prompt_tokens is not None and not clock.generated:
                     clock.generated = stamp
+                if events.first_token_ns and not record.timings.first_token:
+                    record.timings.first_token = events.first_token_ns / 1e9
                 if events.finish_reason and events.has_tool_calls:
                     tool_calls += events.take_tool_calls()
             except EngineStreamError as exc:

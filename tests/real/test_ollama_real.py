@@ -203,6 +203,27 @@ async def test_bad_requests_get_ollamas_errors(client: ollama.AsyncClient) -> No
     assert "does not support embeddings" in caught.value.error
 
 
+async def test_an_ollama_answer_is_recorded_with_the_engines_own_timing(qwen3_gateway: GatewayProcess) -> None:
+    mark = qwen3_gateway.mark()
+    client = ollama.AsyncClient(host=qwen3_gateway.url, timeout=120, headers={"X-Request-ID": "ollama-record-1"})
+    await client.chat(model=f"{MODEL}:nothink", messages=USER)
+    record = await asyncio.to_thread(
+        qwen3_gateway.wait_event,
+        "request",
+        after=mark,
+        timeout_s=30,
+        where=lambda e: e.get("request_id") == "ollama-record-1",
+    )
+    assert (record["api"], record["path"], record["model"], record["status"]) == (
+        "ollama",
+        "/api/chat",
+        f"{MODEL}:nothink",
+        200,
+    )
+    assert record["tokens"] == 3  # Hello ! <|im_end|>, as vLLM counted them
+    assert {"engine_queue_ms", "engine_prefill_ms", "engine_decode_ms"} <= set(record["split"])
+
+
 # --- the official openai package through the same gateway ------------------------------------------------------
 
 
