@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from flushgate.config import Timeouts
+from flushgate.proxy.ollama.settings import OllamaSettings
 from flushgate.proxy.router import Router
 from flushgate.proxy.upstream import Backend, Unavailable
 from flushgate.recorder import Recorder
@@ -28,6 +29,7 @@ class Gateway:
     draining: bool = False
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    ollama: OllamaSettings = field(default_factory=OllamaSettings)
     router: Router | None = None  # picks the engine per request; None: one made for ``backend`` alone
 
     def __post_init__(self) -> None:
