@@ -29,8 +29,11 @@ class RoutingPolicy:
     retries: int = 2  # further engines a request may be tried on while nothing has been sent to the client
 
 
-def _mix(value: int) -> int:
-    """splitmix64's finaliser: a cheap, well-spread 64-bit score for rendezvous hashing."""
+def rendezvous_score(key: int, engine_hash: int) -> int:
+    """An engine's score for a key (highest wins): splitmix64's finaliser over both, cheap and well spread.
+
+    Rendezvous hashing: when an engine leaves, only the keys it won move, each to its runner-up."""
+    value = key ^ engine_hash
     value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
     value = (value ^ (value >> 27)) * 0x94D049BB133111EB & _MASK
     return value ^ (value >> 31)
@@ -66,7 +69,7 @@ class Router:
             return None
         chosen: EngineMember | None = None
         if key is not None and len(candidates) > 1:
-            preferred = max(candidates, key=lambda m: _mix(key ^ m.hash))
+            preferred = max(candidates, key=lambda m: rendezvous_score(key, m.hash))
             total = sum(m.outstanding for m in candidates)
             bound = math.ceil(self.policy.affinity_load_factor * (total + 1) / len(candidates))
             if preferred.outstanding + 1 <= bound:
