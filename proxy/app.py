@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from flushgate.proxy.chat_page import add_page_routes
 from flushgate.proxy.errors import error_response
 from flushgate.proxy.health import healthz, readyz
 from flushgate.proxy.passthrough import forward
@@ -37,5 +38,6 @@ def build_app(gateway: Gateway) -> web.Application:
     router.add_get("/metrics", metrics)
     for path in PASSTHROUGH_PATHS:
         router.add_route("*", path, forward)
+    add_page_routes(router)
     router.add_route("*", "/{tail:.*}", not_found)
     return app
