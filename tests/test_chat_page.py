@@ -430,3 +430,28 @@ async def test_the_strip_shows_server_timing_and_the_gateways_split(
     assert f"{record['chunk_rate_s']} chunks/s" in strip
     assert "engine headers" in strip
     assert f"id {response.headers['x-request-id']}" in strip
+
+
+async def test_while_the_engine_loads_the_page_says_so_and_fills_the_picker_once_ready(
+    fake: FakeUpstream, gateway_url: str, tmp_path: Path
+) -> None:
+    ready = asyncio.Event()
+    models = engine(streams(DONE))
+
+    async def loading_then_ready(request: web.Request) -> web.StreamResponse:
+        if not ready.is_set():
+            error = {"error": {"message": "the engine is loading (loading weights)", "code": "engine_loading"}}
+            return web.json_response(error, status=503, headers={"Retry-After": "1"})
+        return await models(request)
+
+    fake.handler = loading_then_ready
+    async with chat_page(tmp_path) as chat:
+        await chat.page.goto(gateway_url + "/")
+        status = chat.page.locator("#status")
+        await expect(status).to_contain_text("503 Service Unavailable: the engine is loading (loading weights)")
+        await expect(status).to_contain_text("retrying in 1 s")
+        await expect(chat.page.locator("#send")).to_be_disabled()
+        ready.set()
+        await expect(chat.page.locator("#model option")).to_have_count(2)
+        await expect(status).to_have_text("")
+        await expect(chat.page.locator("#send")).to_be_enabled()
