@@ -102,6 +102,7 @@ class Turn {
   constructor(model) {
     this.article = addMessage("assistant", model);
     this.article.dataset.state = "streaming";
+    this.article.setAttribute("aria-busy", "true"); // screen readers wait for the finished answer
     this.reasoningBox = document.createElement("details");
     this.reasoningBox.className = "reasoning";
     this.reasoningBox.hidden = true;
@@ -228,6 +229,7 @@ class Turn {
 
   finish(state, note) {
     this.stats.endedAt = performance.now();
+    this.article.removeAttribute("aria-busy");
     if (!this.failed) {
       this.article.dataset.state = state;
       if (note) this.say(note, state);
