@@ -25,6 +25,9 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 CHAT_PATH = "/v1/chat/completions"
+WAIT_MS = 30_000  # Playwright's default of 5 s is short for a loaded 2-core machine; a pass is still immediate
+
+expect.set_options(timeout=WAIT_MS)
 
 
 @dataclass
@@ -38,7 +41,7 @@ class ChatPage:
     async def open(self, base_url: str) -> None:
         """Load the page and wait until the model picker has the engine's models."""
         await self.page.goto(base_url + "/")
-        await expect(self.page.locator("#model option").first).to_be_attached(timeout=30_000)
+        await expect(self.page.locator("#model option").first).to_be_attached()
 
     async def ask(self, text: str) -> Locator:
         """Send ``text``; returns the new answer's element."""
@@ -89,6 +92,7 @@ async def chat_page(user_data_dir: Path) -> AsyncIterator[ChatPage]:
             viewport={"width": 1100, "height": 760},
         )
         try:
+            context.set_default_timeout(WAIT_MS)
             page = context.pages[0] if context.pages else await context.new_page()
             chat = ChatPage(page)
             page.on("request", chat._on_request)
