@@ -1,7 +1,7 @@
 """The built-in chat page: a few static files, served to browsers as they are (no build step).
 
 ``GET /`` is shared: a browser (its ``Accept`` names ``text/html``) gets the page; any other client gets the
-``fallback`` handler, which is where an API that also answers ``GET /`` (Ollama's "Ollama is running") plugs in.
+``fallback`` handler given to ``chat_root``, Ollama's "Ollama is running", which its clients probe for.
 """
 
 from __future__ import annotations
@@ -69,13 +69,8 @@ async def page_asset(request: web.Request) -> web.StreamResponse:
     return _file_response(path)
 
 
-async def gateway_banner(request: web.Request) -> web.Response:
-    """``GET /`` for non-browser clients while no API claims it: a one-line liveness answer."""
-    return web.Response(text="flushgate is running; open this address in a browser for the chat page\n")
-
-
-def chat_root(fallback: Handler = gateway_banner) -> Handler:
-    """The handler for ``GET /`` (and ``HEAD /``): the page for browsers, ``fallback`` for everyone else."""
+def chat_root(fallback: Handler) -> Handler:
+    """The handler for ``GET /`` (and ``HEAD /``): the page for browsers, ``fallback`` for every other client."""
 
     async def root(request: web.Request) -> web.StreamResponse:
         if accepts_html(request):
@@ -85,7 +80,6 @@ def chat_root(fallback: Handler = gateway_banner) -> Handler:
     return root
 
 
-def add_page_routes(router: web.UrlDispatcher, fallback: Handler = gateway_banner) -> None:
-    """Register ``/`` and ``/ui/{name}``; must come before any catch-all route."""
-    router.add_get("/", chat_root(fallback))
+def add_page_assets(router: web.UrlDispatcher) -> None:
+    """Register ``/ui/{name}``; ``/`` is registered by whoever answers it for non-browsers, through ``chat_root``."""
     router.add_get(ASSET_PREFIX + "/{name}", page_asset)

@@ -55,7 +55,7 @@ def streams(*chunks: bytes) -> Chat:
 # --- the route, without a browser ---------------------------------------------------------------------------------
 
 
-async def test_root_serves_the_page_to_browsers_and_a_banner_to_other_clients(
+async def test_root_serves_the_page_to_browsers_and_ollamas_answer_to_other_clients(
     gateway_url: str, http: aiohttp.ClientSession
 ) -> None:
     browser_accept = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
@@ -70,9 +70,10 @@ async def test_root_serves_the_page_to_browsers_and_a_banner_to_other_clients(
         assert resp.content_type == "text/html"
     for accept in ("*/*", "application/json", "text/html;q=0", ""):
         async with http.get(gateway_url + "/", headers={"Accept": accept}) as resp:
-            assert resp.status == 200, accept
-            assert resp.content_type == "text/plain", accept
-            assert (await resp.text()).startswith("flushgate is running"), accept
+            assert (resp.status, await resp.text()) == (200, "Ollama is running"), accept
+    async with http.head(gateway_url + "/") as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/plain"
 
 
 async def test_page_assets_are_served_with_their_types_and_nothing_else_is(
