@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         "request with the header 'X-Flushgate-Timing: summary' (FLUSHGATE_TIMING_SUMMARY)",
     )
     serve.add_argument(
+        "--thinking-aliases",
+        default=_env("THINKING_ALIASES", "think=on,nothink=off", str),
+        metavar="TAG=on|off,...",
+        help="Ollama API: model tags that turn thinking on or off, listed as MODEL:TAG for models whose chat "
+        "template honours enable_thinking; empty for none (FLUSHGATE_THINKING_ALIASES)",
+    )
+    serve.add_argument(
         "--engine-timing",
         action=argparse.BooleanOptionalAction,
         default=_env("ENGINE_TIMING", True, _bool),
@@ -199,6 +206,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         hop_timing=args.hop_timing,
         timing_summary=args.timing_summary,
         engine_timing=args.engine_timing,
+        thinking_aliases=args.thinking_aliases,
     ).validate()
 
 

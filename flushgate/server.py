@@ -21,6 +21,7 @@ from flushgate.engine_timing import EngineTimings, OtlpReceiver
 from flushgate.logs import get_logger, is_console
 from flushgate.metrics import Metrics
 from flushgate.proxy.app import build_app
+from flushgate.proxy.ollama.settings import OllamaSettings, parse_thinking_aliases
 from flushgate.proxy.passthrough import connection_tracing
 from flushgate.proxy.state import Gateway
 from flushgate.proxy.upstream import AttachedBackend, Backend, open_session
@@ -90,6 +91,7 @@ class Server:
             hop_timing=config.hop_timing,
             timing_summary=config.timing_summary,
             log_content=config.log_content,
+            ollama=OllamaSettings(thinking_aliases=parse_thinking_aliases(config.thinking_aliases)),
         )
         gateway_state.append(self.gateway)
         # handler_cancellation: a client that goes away cancels its handler, which closes the upstream request,
