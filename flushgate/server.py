@@ -47,12 +47,12 @@ class Server:
     async def _make_backend(self) -> Backend:
         config = self.config
         if config.upstream_base is not None:
+            if config.engine_traces_port is not None:
+                await self._receive_engine_timing(config.engine_traces_port)
             return AttachedBackend(config.upstream_base)
         assert config.model is not None
         if config.engine_timing:
-            self.engine_timings = EngineTimings()
-            self._receiver = OtlpReceiver(self.engine_timings, self.log)
-            await self._receiver.start()
+            await self._receive_engine_timing(0)
         spec = build_spec(
             config.model,
             python=config.engine_python or sys.executable,
@@ -73,6 +73,11 @@ class Server:
         if console:
             self._progress = asyncio.create_task(show_progress(self.supervisor, log_file))
         return EngineBackend(self.supervisor)
+
+    async def _receive_engine_timing(self, port: int) -> None:
+        self.engine_timings = EngineTimings()
+        self._receiver = OtlpReceiver(self.engine_timings, self.log)
+        await self._receiver.start(port)
 
     async def start(self) -> None:
         config = self.config
