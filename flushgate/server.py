@@ -27,6 +27,7 @@ from flushgate.metrics import Metrics
 from flushgate.proxy.app import build_app
 from flushgate.proxy.discovery import DnsDiscovery, DnsTarget, SrvLookup, dnspython_srv
 from flushgate.proxy.health_checks import HealthChecker
+from flushgate.proxy.ollama.settings import OllamaSettings, parse_thinking_aliases
 from flushgate.proxy.passthrough import connection_tracing
 from flushgate.proxy.pool import Ejection, EnginePool
 from flushgate.proxy.router import Router, RoutingPolicy
@@ -68,15 +69,13 @@ class Server:
 
     async def _make_backends(self) -> list[Backend]:
         config = self.config
-        if config.upstream is not None:
-            return [AttachedBackend(url) for url in config.upstream_bases]
-        if config.upstream_dns is not None:
-            return []  # discovery fills the pool
+        if config.upstream is not None or config.upstream_dns is not None:
+            if config.engine_traces_port is not None:
+                await self._receive_engine_timing(config.engine_traces_port)
+            return [AttachedBackend(url) for url in config.upstream_bases]  # DNS discovery fills its pool itself
         assert config.model is not None
         if config.engine_timing:
-            self.engine_timings = EngineTimings()
-            self._receiver = OtlpReceiver(self.engine_timings, self.log)
-            await self._receiver.start()
+            await self._receive_engine_timing(0)
         preset = get_preset(config.preset) if config.preset else None
         gpus = config.gpus if config.gpus is not None else visible_gpus()
         placements = place_engines(config.engines, gpus, (*(preset.args if preset else ()), *config.engine_args))
@@ -118,6 +117,11 @@ class Server:
         policy = RoutingPolicy(routing.mode, routing.affinity_load_factor, routing.retries)
         return Router(pool, policy, source=self.config.upstream_dns)
 
+    async def _receive_engine_timing(self, port: int) -> None:
+        self.engine_timings = EngineTimings()
+        self._receiver = OtlpReceiver(self.engine_timings, self.log)
+        await self._receiver.start(port)
+
     async def start(self) -> None:
         config = self.config
         backends = [self._backend] if self._backend is not None else await self._make_backends()
@@ -140,6 +144,7 @@ class Server:
             hop_timing=config.hop_timing,
             timing_summary=config.timing_summary,
             log_content=config.log_content,
+            ollama=OllamaSettings(thinking_aliases=parse_thinking_aliases(config.thinking_aliases)),
         )
         gateway_state.append(self.gateway)
         if config.upstream_dns is not None:
