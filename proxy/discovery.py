@@ -63,9 +63,12 @@ class DnsTarget:
 
 
 async def dnspython_srv(name: str, resolver: dns.asyncresolver.Resolver | None = None) -> list[tuple[str, int]]:
-    """SRV records as (target host, port), through dnspython (the system resolver cannot ask for SRV)."""
+    """SRV records as (target host, port), through dnspython (the system resolver cannot ask for SRV).
+
+    A short name is tried with the search domains of resolv.conf, as getaddrinfo does, so inside a pod
+    ``_http._tcp.vllm`` finds ``_http._tcp.vllm.<namespace>.svc.cluster.local``."""
     try:
-        answer = await (resolver or dns.asyncresolver.get_default_resolver()).resolve(name, "SRV")
+        answer = await (resolver or dns.asyncresolver.get_default_resolver()).resolve(name, "SRV", search=True)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer) as exc:
         raise NoRecords(str(exc)) from exc
     return [(record.target.to_text(omit_final_dot=True), int(record.port)) for record in answer]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from flushgate.config import Config, Routing, Timeouts
 from flushgate.server import Server
@@ -95,3 +97,26 @@ async def start_gateway(urls: Sequence[str], **routing: Any) -> Server:
 
 def records(logs: Sequence[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [entry for entry in logs if entry["event"] == "request"]
+
+
+class ScriptedResolver(AbstractResolver):
+    """Answers A lookups from ``records``; a name it does not hold is NXDOMAIN, ``failure`` any other error."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, list[str]] = {}
+        self.failure: OSError | None = None
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if self.failure is not None:
+            raise self.failure
+        if host not in self.records:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [
+            ResolveResult(hostname=host, host=ip, port=port, family=socket.AF_INET, proto=0, flags=0)
+            for ip in self.records[host]
+        ]
+
+    async def close(self) -> None:
+        pass

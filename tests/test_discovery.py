@@ -19,38 +19,14 @@ import dns.rcode
 import dns.rrset
 import pytest
 from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 from flushgate.config import Config, Routing
 from flushgate.proxy.discovery import DnsTarget, dnspython_srv
 from flushgate.server import Server
 from tests.fakes import FakeUpstream, start_stream
-from tests.several_engines import GUARD_S, EngineFarm, answer_event
+from tests.several_engines import GUARD_S, EngineFarm, ScriptedResolver, answer_event
 
 NAME = "engines.flushgate.test"
-
-
-class ScriptedResolver(AbstractResolver):
-    """Answers A lookups from ``records``; a name it does not hold is NXDOMAIN, ``failure`` any other error."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, list[str]] = {}
-        self.failure: OSError | None = None
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        if self.failure is not None:
-            raise self.failure
-        if host not in self.records:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return [
-            ResolveResult(hostname=host, host=ip, port=port, family=socket.AF_INET, proto=0, flags=0)
-            for ip in self.records[host]
-        ]
-
-    async def close(self) -> None:
-        pass
 
 
 class SrvServer(asyncio.DatagramProtocol):
