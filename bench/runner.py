@@ -1,0 +1,294 @@
+"""``python -m flushgate.bench``: every target through every scenario, in rounds, then the report.
+
+The load generator and the fake engine share one core, every proxy gets the other, and only the target being
+measured runs: the others are paused (SIGSTOP), so none of them takes CPU from it. Each round visits the targets
+in another order, so slow drift on the machine does not always hit the same one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+from flushgate.bench.loadgen import Scenario, ScenarioRun, run_scenario
+from flushgate.bench.procstat import tree_cpu_seconds
+from flushgate.bench.report import (
+    DIRECT,
+    FLUSHGATE,
+    LITELLM,
+    NGINX,
+    Cell,
+    checks,
+    markdown_checks,
+    markdown_tables,
+    summarize,
+)
+from flushgate.bench.targets import (
+    HOST,
+    Target,
+    TargetError,
+    start_engine,
+    start_flushgate,
+    start_litellm,
+    start_nginx,
+)
+
+T = TypeVar("T")
+
+SCENARIOS = (
+    Scenario("1x8ms", streams=1, requests=20, tokens=32, interval_us=8000, deadline_s=30),
+    Scenario("64x8ms", streams=64, requests=2, tokens=64, interval_us=8000, deadline_s=30),
+    Scenario("256x1ms", streams=256, requests=1, tokens=200, interval_us=1000, deadline_s=60),
+    Scenario("1xb2b", streams=1, requests=3, tokens=4000, interval_us=0, deadline_s=30),
+)
+TITLES = {
+    "1x8ms": "1 stream, 8 ms/token",
+    "64x8ms": "64 streams, 8 ms/token",
+    "256x1ms": "256 streams, 1 ms/token (stress)",
+    "1xb2b": "1 stream, tokens back to back (max chunk rate)",
+}
+STRESS, MANY = "256x1ms", "64x8ms"
+WARM_UP = Scenario("warm-up", streams=8, requests=2, tokens=20, interval_us=1000, deadline_s=20)
+
+
+def rotated(items: Sequence[Target], by: int) -> list[Target]:
+    """The targets in the order of round ``by``: the list turned left by ``by`` places."""
+    shift = by % len(items)
+    return [*items[shift:], *items[:shift]]
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "commit": _git_commit(),
+        "nproc": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def _git_commit() -> str:
+    """The commit measured, marked ``+changes`` when the work tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def wait_quiet(pids: Sequence[int], settle_s: float = 15.0) -> None:
+    """Wait until the given process trees are idle, so one scenario's backlog does not bill the next."""
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        before = sum(tree_cpu_seconds(p) for p in pids)
+        time.sleep(0.2)
+        if sum(tree_cpu_seconds(p) for p in pids) - before <= 0.02:
+            return
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.cells: dict[str, dict[str, Cell]] = {s.name: {} for s in args.scenarios}
+        self.targets: list[Target] = []
+        self.engine: Target | None = None
+        self.skipped: dict[str, str] = {}
+        self.orders: list[list[str]] = []
+        self.api_key = "sk-" + secrets.token_hex(32)  # LiteLLM's master key, sent to every target alike
+
+    def log(self, message: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def start(self) -> None:
+        args = self.args
+        self.engine = start_engine(self.workdir, args.load_cpu)
+        engine_port = self.engine.port
+        self.log(f"fake engine on port {engine_port}")
+        starters: dict[str, Callable[[], Target]] = {
+            DIRECT: lambda: Target(DIRECT, engine_port, version="fake engine (raw asyncio)"),
+            FLUSHGATE: lambda: start_flushgate(self.workdir, engine_port, args.proxy_cpu, args.flushgate_log),
+            NGINX: lambda: start_nginx(self.workdir, engine_port, args.proxy_cpu, args.nginx),
+            LITELLM: lambda: start_litellm(
+                self.workdir,
+                engine_port,
+                args.proxy_cpu,
+                args.litellm,
+                sorted({s.model for s in (*args.scenarios, WARM_UP)}),
+                self.api_key,
+            ),
+        }
+        for name in args.targets:
+            try:
+                target = starters[name]()
+            except (TargetError, OSError) as exc:
+                self.skipped[name] = str(exc)
+                self.log(f"{name}: not measured: {exc}")
+                continue
+            self.log(f"{name} ({target.version}) on port {target.port}")
+            target.pause()
+            self.targets.append(target)
+
+    def stop(self) -> None:
+        for target in [*self.targets, *([self.engine] if self.engine else [])]:
+            target.stop()
+
+    def measure(self, target: Target) -> None:
+        assert self.engine is not None
+        assert self.engine.process is not None
+        quiet = [self.engine.process.pid] + ([target.process.pid] if target.process is not None else [])
+        target.resume()
+        try:
+            _run(run_scenario(HOST, target.port, WARM_UP, self.api_key))
+            for scenario in self.args.scenarios:
+                wait_quiet(quiet)
+                cpu_before = target.cpu_seconds()
+                run: ScenarioRun = _run(run_scenario(HOST, target.port, scenario, self.api_key))
+                cpu_after = target.cpu_seconds()
+                cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+                self.cells[scenario.name].setdefault(target.name, Cell()).add(run, cpu)
+                cell = self.cells[scenario.name][target.name]
+                self.log(
+                    f"  {target.name:13} {scenario.name:8} {(run.ended_ns - run.started_ns) / 1e9:6.2f} s"
+                    f"  errors {cell.errors} incomplete {cell.incomplete} (all rounds so far)"
+                )
+        finally:
+            target.pause()
+
+    def run(self) -> None:
+        for round_no in range(self.args.rounds):
+            order = rotated(self.targets, round_no)
+            self.orders.append([t.name for t in order])
+            self.log(f"round {round_no + 1}/{self.args.rounds}: {', '.join(t.name for t in order)}")
+            for target in order:
+                if not target.alive():
+                    self.log(f"{target.name} has exited; see {target.log_path}")
+                    continue
+                self.measure(target)
+
+    def results(self) -> dict[str, Any]:
+        ordered = {
+            s: {t.name: self.cells[s][t.name] for t in self.targets if t.name in self.cells[s]} for s in self.cells
+        }
+        found = checks(ordered, stress=STRESS, many=MANY)
+        return {
+            "machine": machine(),
+            "pinning": {"load_and_engine_cpu": self.args.load_cpu, "proxy_cpu": self.args.proxy_cpu},
+            "versions": {t.name: t.version for t in self.targets},
+            "not_measured": self.skipped,
+            "rounds": self.args.rounds,
+            "orders": self.orders,
+            "scenarios": [asdict(s) | {"title": TITLES.get(s.name, s.name)} for s in self.args.scenarios],
+            "results": summarize(ordered),
+            "checks": [asdict(c) for c in found],
+        }
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is installed, as the proxies under test do."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def write_outputs(out: Path, data: dict[str, Any], plot: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    m, pin = data["machine"], data["pinning"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Machine: {m['cpu_model']}, {m['nproc']} cores (nproc), Linux {m['kernel']}, Python {m['python']}; "
+        f"run {m['date_utc']} on commit {m['commit']}.",
+        f"Load generator and fake engine on CPU {pin['load_and_engine_cpu']}, proxy on CPU {pin['proxy_cpu']}; "
+        f"{data['rounds']} rounds, the order of targets rotated each round.",
+        "",
+        "Versions: " + "; ".join(f"{k}: {v}" for k, v in data["versions"].items()) + ".",
+        "",
+    ]
+    for name, why in data["not_measured"].items():
+        lines += [f"Not measured: {name}: {why}", ""]
+    lines += ["## Goals for flushgate", "", markdown_checks_from(data), "## Per scenario", ""]
+    lines.append(markdown_tables(data["results"], {s["name"]: s["title"] for s in data["scenarios"]}))
+    if plot:
+        lines += ["![added delay, TTFT and CPU per target](results.png)", ""]
+    (out / "results.md").write_text("\n".join(lines))
+    if plot:
+        from flushgate.bench.plot import plot_results
+
+        plot_results(data, out / "results.png")
+
+
+def markdown_checks_from(data: dict[str, Any]) -> str:
+    from flushgate.bench.report import Check
+
+    return markdown_checks([Check(**c) for c in data["checks"]])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    cores = os.cpu_count() or 1
+    parser = argparse.ArgumentParser(prog="python -m flushgate.bench", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="where results.{md,json,png} go")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--targets", nargs="+", default=[DIRECT, FLUSHGATE, NGINX, LITELLM])
+    parser.add_argument("--scenarios", nargs="+", default=[s.name for s in SCENARIOS])
+    parser.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
+    parser.add_argument("--litellm", default=".venv-litellm/bin/litellm")
+    parser.add_argument(
+        "--flushgate-log", type=Path, default=None, help="file for flushgate's request log (default: /dev/null)"
+    )
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    known = {s.name: s for s in SCENARIOS}
+    unknown = [n for n in args.scenarios if n not in known]
+    if unknown:
+        parser.error(f"unknown scenarios {unknown}; known: {list(known)}")
+    args.scenarios = [known[n] for n in args.scenarios]
+    args.load_cpu, args.proxy_cpu = (0, 1) if cores >= 2 else (None, None)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.load_cpu is not None:
+        os.sched_setaffinity(0, {args.load_cpu})
+    with tempfile.TemporaryDirectory(prefix="flushgate-bench-") as tmp:
+        bench = Bench(args, Path(tmp))
+        try:
+            bench.start()
+            bench.run()
+        finally:
+            bench.stop()
+        data = bench.results()
+    write_outputs(args.out, data, plot=not args.no_plot)
+    print((args.out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
