@@ -54,3 +54,10 @@ def tree_cpu_seconds(root: int) -> float:
 def tree_pids(root: int) -> list[int]:
     """``root`` and every live descendant."""
     return _tree(root, _all_stats())
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores together spent not idle since boot (the ``cpu`` line of /proc/stat)."""
+    fields = [int(v) for v in (_PROC / "stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    return (sum(fields[:8]) - idle) / _TICKS_PER_S

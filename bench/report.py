@@ -31,9 +31,10 @@ class Cell:
     errors: int = 0
     incomplete: int = 0
     error_samples: list[str] = field(default_factory=list)
+    foreign_cpu_s: float = 0.0
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, run: ScenarioRun, cpu_s: float | None) -> None:
+    def add(self, run: ScenarioRun, cpu_s: float | None, foreign_cpu_s: float = 0.0) -> None:
         results = run.results()
         round_ttft: list[float] = []
         round_delay: list[float] = []
@@ -55,6 +56,7 @@ class Cell:
         self.elapsed_s += elapsed
         if cpu_s is not None:
             self.cpu_s = (self.cpu_s or 0.0) + cpu_s
+        self.foreign_cpu_s += foreign_cpu_s
         ttft = Spread.of(round_ttft)
         delay = Spread.of(round_delay)
         self.rounds.append(
@@ -64,6 +66,7 @@ class Cell:
                 "delay_p99_ms": delay and delay.p99,
                 "elapsed_s": elapsed,
                 "cpu_s": cpu_s,
+                "foreign_cpu_s": foreign_cpu_s,
             }
         )
 
@@ -113,6 +116,7 @@ def summary(cell: Cell, direct: Cell | None) -> dict[str, Any]:
         "chunks_per_s": cell.chunks_per_s,
         "cpu_s": cell.cpu_s,
         "cpu_s_per_1000_chunks": cell.cpu_per_1000_chunks,
+        "foreign_cpu_share": cell.foreign_cpu_s / cell.elapsed_s if cell.elapsed_s else None,
         "rounds": cell.rounds,
     }
 
@@ -227,6 +231,7 @@ _COLUMNS = (
     ("proxy CPU s/1000 chunks", "cpu_s_per_1000_chunks", ""),
     ("errors", "errors", ""),
     ("incomplete", "incomplete", ""),
+    ("other processes' CPU", "foreign_cpu_share", "cores"),
 )
 
 
@@ -240,6 +245,8 @@ def _cell_text(key: str | None, row: dict[str, Any], name: str) -> str:
         return f"{value}/{row['requests']}"
     if key == "chunks_per_s":
         return f"{value:,.0f}"
+    if key == "foreign_cpu_share":
+        return f"{value:.2f}"
     if key == "cpu_s_per_1000_chunks":
         return f"{value:.4f}"
     if key.startswith("added_") and key.endswith("_ms"):

@@ -1,8 +1,9 @@
 """``python -m flushgate.bench``: every target through every scenario, in rounds, then the report.
 
 The load generator and the fake engine share one core, every proxy gets the other, and only the target being
-measured runs: the others are paused (SIGSTOP), so none of them takes CPU from it. Each round visits the targets
-in another order, so slow drift on the machine does not always hit the same one.
+measured runs: the others are paused (SIGSTOP), so none of them takes CPU from it. Each round visits the proxies
+in another order, so slow drift on the machine does not always hit the same one, and every scenario through a
+proxy comes right after the same scenario straight to the engine, the baseline its added delay is taken from.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from flushgate.bench.loadgen import Scenario, ScenarioRun, run_scenario
-from flushgate.bench.procstat import tree_cpu_seconds
+from flushgate.bench.procstat import machine_busy_seconds, tree_cpu_seconds
 from flushgate.bench.report import (
     DIRECT,
     FLUSHGATE,
@@ -51,7 +52,7 @@ T = TypeVar("T")
 SCENARIOS = (
     Scenario("1x8ms", streams=1, requests=20, tokens=32, interval_us=8000, deadline_s=30),
     Scenario("64x8ms", streams=64, requests=2, tokens=64, interval_us=8000, deadline_s=30),
-    Scenario("256x1ms", streams=256, requests=1, tokens=200, interval_us=1000, deadline_s=60),
+    Scenario("256x1ms", streams=256, requests=1, tokens=200, interval_us=1000, deadline_s=40),
     Scenario("1xb2b", streams=1, requests=3, tokens=4000, interval_us=0, deadline_s=30),
 )
 TITLES = {
@@ -98,13 +99,20 @@ def _git_commit() -> str:
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-def wait_quiet(pids: Sequence[int], settle_s: float = 15.0) -> None:
-    """Wait until the given process trees are idle, so one scenario's backlog does not bill the next."""
-    deadline = time.monotonic() + settle_s
-    while time.monotonic() < deadline:
-        before = sum(tree_cpu_seconds(p) for p in pids)
+def wait_quiet(pids: Sequence[int], settle_s: float = 15.0, others_s: float = 5.0) -> None:
+    """Wait until the given process trees are idle, so one scenario's backlog does not bill the next.
+
+    For up to ``others_s`` it also waits for other processes on the machine to calm down (below a quarter of a
+    core); what they still take while a scenario runs is reported beside it.
+    """
+    start = time.monotonic()
+    while (waited := time.monotonic() - start) < settle_s:
+        ours_before = sum(tree_cpu_seconds(p) for p in pids)
+        all_before, busy_before = tree_cpu_seconds(os.getpid()), machine_busy_seconds()
         time.sleep(0.2)
-        if sum(tree_cpu_seconds(p) for p in pids) - before <= 0.02:
+        ours = sum(tree_cpu_seconds(p) for p in pids) - ours_before
+        others = (machine_busy_seconds() - busy_before) - (tree_cpu_seconds(os.getpid()) - all_before)
+        if ours <= 0.02 and (others <= 0.05 or waited > others_s):
             return
 
 
@@ -129,7 +137,13 @@ class Bench:
         self.log(f"fake engine on port {engine_port}")
         starters: dict[str, Callable[[], Target]] = {
             DIRECT: lambda: Target(DIRECT, engine_port, version="fake engine (raw asyncio)"),
-            FLUSHGATE: lambda: start_flushgate(self.workdir, engine_port, args.proxy_cpu, args.flushgate_log),
+            FLUSHGATE: lambda: start_flushgate(
+                self.workdir,
+                engine_port,
+                args.proxy_cpu,
+                None if args.flushgate_log == "devnull" else self.workdir / "flushgate.log",
+                args.flushgate_args.split(),
+            ),
             NGINX: lambda: start_nginx(self.workdir, engine_port, args.proxy_cpu, args.nginx),
             LITELLM: lambda: start_litellm(
                 self.workdir,
@@ -155,38 +169,64 @@ class Bench:
         for target in [*self.targets, *([self.engine] if self.engine else [])]:
             target.stop()
 
-    def measure(self, target: Target) -> None:
+    def _measure_one(self, target: Target, scenario: Scenario) -> None:
         assert self.engine is not None
         assert self.engine.process is not None
-        quiet = [self.engine.process.pid] + ([target.process.pid] if target.process is not None else [])
+        wait_quiet([self.engine.process.pid] + ([target.process.pid] if target.process is not None else []))
+        cpu_before = target.cpu_seconds()
+        ours_before, busy_before = tree_cpu_seconds(os.getpid()), machine_busy_seconds()
+        run: ScenarioRun = _run(run_scenario(HOST, target.port, scenario, self.api_key))
+        ours_after, busy_after = tree_cpu_seconds(os.getpid()), machine_busy_seconds()
+        cpu_after = target.cpu_seconds()
+        cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+        # CPU that processes outside this benchmark took meanwhile: a shared machine shows up here.
+        foreign = max((busy_after - busy_before) - (ours_after - ours_before), 0.0)
+        cell = self.cells[scenario.name].setdefault(target.name, Cell())
+        cell.add(run, cpu, foreign)
+        self.log(
+            f"  {target.name:13} {scenario.name:8} {(run.ended_ns - run.started_ns) / 1e9:6.2f} s"
+            f"  errors {cell.errors} incomplete {cell.incomplete} (all rounds so far)"
+        )
+
+    def measure(self, target: Target, direct: Target | None) -> None:
+        """Each scenario through ``target``, each right after the same scenario straight to the engine.
+
+        The engine-direct baseline is thus measured as often as the proxies and next to each of them in time,
+        so what drifts on the machine meanwhile weighs on both sides of the difference alike.
+        """
         target.resume()
         try:
             _run(run_scenario(HOST, target.port, WARM_UP, self.api_key))
             for scenario in self.args.scenarios:
-                wait_quiet(quiet)
-                cpu_before = target.cpu_seconds()
-                run: ScenarioRun = _run(run_scenario(HOST, target.port, scenario, self.api_key))
-                cpu_after = target.cpu_seconds()
-                cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
-                self.cells[scenario.name].setdefault(target.name, Cell()).add(run, cpu)
-                cell = self.cells[scenario.name][target.name]
-                self.log(
-                    f"  {target.name:13} {scenario.name:8} {(run.ended_ns - run.started_ns) / 1e9:6.2f} s"
-                    f"  errors {cell.errors} incomplete {cell.incomplete} (all rounds so far)"
-                )
+                if direct is not None and direct is not target:
+                    self._measure_one(direct, scenario)
+                self._measure_one(target, scenario)
         finally:
             target.pause()
 
     def run(self) -> None:
+        direct = next((t for t in self.targets if t.process is None), None)
+        proxies = [t for t in self.targets if t.process is not None] or ([direct] if direct else [])
         for round_no in range(self.args.rounds):
-            order = rotated(self.targets, round_no)
+            order = rotated(proxies, round_no)
             self.orders.append([t.name for t in order])
             self.log(f"round {round_no + 1}/{self.args.rounds}: {', '.join(t.name for t in order)}")
             for target in order:
                 if not target.alive():
                     self.log(f"{target.name} has exited; see {target.log_path}")
                     continue
-                self.measure(target)
+                self.measure(target, direct)
+
+    def request_records(self) -> dict[str, int]:
+        """Outcomes in flushgate's request log: a cross-check that it saw every request the load generator sent."""
+        log = self.workdir / "flushgate.log"
+        outcomes: dict[str, int] = {}
+        if log.exists():
+            for line in log.read_bytes().splitlines():
+                record = json.loads(line)
+                if record.get("event") == "request":
+                    outcomes[record["outcome"]] = outcomes.get(record["outcome"], 0) + 1
+        return outcomes
 
     def results(self) -> dict[str, Any]:
         ordered = {
@@ -198,6 +238,11 @@ class Bench:
             "pinning": {"load_and_engine_cpu": self.args.load_cpu, "proxy_cpu": self.args.proxy_cpu},
             "versions": {t.name: t.version for t in self.targets},
             "not_measured": self.skipped,
+            "flushgate": {
+                "log": self.args.flushgate_log,
+                "extra_args": self.args.flushgate_args,
+                "request_records": self.request_records(),
+            },
             "rounds": self.args.rounds,
             "orders": self.orders,
             "scenarios": [asdict(s) | {"title": TITLES.get(s.name, s.name)} for s in self.args.scenarios],
@@ -254,14 +299,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     cores = os.cpu_count() or 1
     parser = argparse.ArgumentParser(prog="python -m flushgate.bench", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="where results.{md,json,png} go")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--targets", nargs="+", default=[DIRECT, FLUSHGATE, NGINX, LITELLM])
     parser.add_argument("--scenarios", nargs="+", default=[s.name for s in SCENARIOS])
     parser.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
     parser.add_argument("--litellm", default=".venv-litellm/bin/litellm")
     parser.add_argument(
-        "--flushgate-log", type=Path, default=None, help="file for flushgate's request log (default: /dev/null)"
+        "--flushgate-log",
+        choices=("file", "devnull"),
+        default="file",
+        help="where flushgate's request log goes: a file in the run's temp dir, or /dev/null",
     )
+    parser.add_argument("--flushgate-args", default="", help="extra flags for flushgate serve, e.g. '--idle-timeout 0'")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     known = {s.name: s for s in SCENARIOS}

@@ -128,7 +128,9 @@ def start_engine(workdir: Path, cpu: int | None) -> Target:
     return Target("engine", int(line.split()[1]), process, workdir / "engine.log")
 
 
-def start_flushgate(workdir: Path, engine_port: int, cpu: int | None, log_to: Path | None) -> Target:
+def start_flushgate(
+    workdir: Path, engine_port: int, cpu: int | None, log_to: Path | None, extra_args: Sequence[str] = ()
+) -> Target:
     port = free_port()
     log_path = log_to or Path(os.devnull)
     command = pinned(
@@ -145,6 +147,7 @@ def start_flushgate(workdir: Path, engine_port: int, cpu: int | None, log_to: Pa
             str(port),
             "--log-format",
             "json",
+            *extra_args,
         ],
         cpu,
     )

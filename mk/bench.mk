@@ -30,3 +30,9 @@ bench-deps: $(VENV)/.bench-installed $(LITELLM_VENV)/.installed
 
 bench: bench-deps
 	$(PY) -m flushgate.bench --out $(BENCH_OUT) --litellm $(LITELLM_VENV)/bin/litellm $(BENCH_ARGS)
+
+# Where flushgate's CPU goes in one scenario (py-spy); writes collapsed stacks under artifacts/profile.
+PROFILE_ARGS ?= --scenario 256x1ms
+.PHONY: bench-profile
+bench-profile: bench-deps
+	$(PY) -m flushgate.bench.profile $(PROFILE_ARGS)
