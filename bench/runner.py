@@ -99,7 +99,7 @@ def _git_commit() -> str:
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-def wait_quiet(pids: Sequence[int], settle_s: float = 15.0, others_s: float = 5.0) -> None:
+def wait_quiet(pids: Sequence[int], settle_s: float = 15.0, others_s: float = 1.0) -> None:
     """Wait until the given process trees are idle, so one scenario's backlog does not bill the next.
 
     For up to ``others_s`` it also waits for other processes on the machine to calm down (below a quarter of a
@@ -207,7 +207,12 @@ class Bench:
     def run(self) -> None:
         direct = next((t for t in self.targets if t.process is None), None)
         proxies = [t for t in self.targets if t.process is not None] or ([direct] if direct else [])
+        started = time.monotonic()
         for round_no in range(self.args.rounds):
+            spent = time.monotonic() - started
+            if round_no and spent / round_no * (round_no + 1) > self.args.budget_s:
+                self.log(f"stopping after {round_no} rounds: another would pass the {self.args.budget_s:g} s budget")
+                break
             order = rotated(proxies, round_no)
             self.orders.append([t.name for t in order])
             self.log(f"round {round_no + 1}/{self.args.rounds}: {', '.join(t.name for t in order)}")
@@ -243,7 +248,7 @@ class Bench:
                 "extra_args": self.args.flushgate_args,
                 "request_records": self.request_records(),
             },
-            "rounds": self.args.rounds,
+            "rounds": len(self.orders),
             "orders": self.orders,
             "scenarios": [asdict(s) | {"title": TITLES.get(s.name, s.name)} for s in self.args.scenarios],
             "results": summarize(ordered),
@@ -300,6 +305,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m flushgate.bench", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="where results.{md,json,png} go")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--budget-s", type=float, default=480, help="start no round that would end the measuring after this many s"
+    )
     parser.add_argument("--targets", nargs="+", default=[DIRECT, FLUSHGATE, NGINX, LITELLM])
     parser.add_argument("--scenarios", nargs="+", default=[s.name for s in SCENARIOS])
     parser.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
