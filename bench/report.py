@@ -32,9 +32,11 @@ class Cell:
     incomplete: int = 0
     error_samples: list[str] = field(default_factory=list)
     foreign_cpu_s: float = 0.0
+    foreign_window_s: float = 0.0
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, run: ScenarioRun, cpu_s: float | None, foreign_cpu_s: float = 0.0) -> None:
+    def add(self, run: ScenarioRun, cpu_s: float | None, foreign: tuple[float, float] = (0.0, 0.0)) -> None:
+        """Pool one round; ``foreign`` is (CPU s other processes took, over how many wall s)."""
         results = run.results()
         round_ttft: list[float] = []
         round_delay: list[float] = []
@@ -56,7 +58,8 @@ class Cell:
         self.elapsed_s += elapsed
         if cpu_s is not None:
             self.cpu_s = (self.cpu_s or 0.0) + cpu_s
-        self.foreign_cpu_s += foreign_cpu_s
+        self.foreign_cpu_s += foreign[0]
+        self.foreign_window_s += foreign[1]
         ttft = Spread.of(round_ttft)
         delay = Spread.of(round_delay)
         self.rounds.append(
@@ -66,7 +69,7 @@ class Cell:
                 "delay_p99_ms": delay and delay.p99,
                 "elapsed_s": elapsed,
                 "cpu_s": cpu_s,
-                "foreign_cpu_s": foreign_cpu_s,
+                "foreign_cpu_s": foreign[0],
             }
         )
 
@@ -116,7 +119,7 @@ def summary(cell: Cell, direct: Cell | None) -> dict[str, Any]:
         "chunks_per_s": cell.chunks_per_s,
         "cpu_s": cell.cpu_s,
         "cpu_s_per_1000_chunks": cell.cpu_per_1000_chunks,
-        "foreign_cpu_share": cell.foreign_cpu_s / cell.elapsed_s if cell.elapsed_s else None,
+        "foreign_cpu_share": cell.foreign_cpu_s / cell.foreign_window_s if cell.foreign_window_s else None,
         "rounds": cell.rounds,
     }
 

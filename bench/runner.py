@@ -174,15 +174,17 @@ class Bench:
         assert self.engine.process is not None
         wait_quiet([self.engine.process.pid] + ([target.process.pid] if target.process is not None else []))
         cpu_before = target.cpu_seconds()
-        ours_before, busy_before = tree_cpu_seconds(os.getpid()), machine_busy_seconds()
+        ours_before = tree_cpu_seconds(os.getpid())
+        busy_before, window_start = machine_busy_seconds(), time.monotonic()
         run: ScenarioRun = _run(run_scenario(HOST, target.port, scenario, self.api_key))
-        ours_after, busy_after = tree_cpu_seconds(os.getpid()), machine_busy_seconds()
+        busy_after, window = machine_busy_seconds(), time.monotonic() - window_start
+        ours_after = tree_cpu_seconds(os.getpid())
         cpu_after = target.cpu_seconds()
         cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
         # CPU that processes outside this benchmark took meanwhile: a shared machine shows up here.
         foreign = max((busy_after - busy_before) - (ours_after - ours_before), 0.0)
         cell = self.cells[scenario.name].setdefault(target.name, Cell())
-        cell.add(run, cpu, foreign)
+        cell.add(run, cpu, (foreign, window))
         self.log(
             f"  {target.name:13} {scenario.name:8} {(run.ended_ns - run.started_ns) / 1e9:6.2f} s"
             f"  errors {cell.errors} incomplete {cell.incomplete} (all rounds so far)"
