@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from flushgate import __version__
 from flushgate.config import Config, ConfigError, Timeouts
+from flushgate.engine.presets import PRESETS
 from flushgate.logs import configure
 
 T = TypeVar("T")
@@ -39,6 +41,9 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected true or false")
 
 
+_no_args: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flushgate",
@@ -51,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the gateway",
         description=(
-            "Run the gateway. Attach it to a running engine with --upstream. Each flag can also be set with the "
-            "environment variable named in its help, e.g. FLUSHGATE_PORT=9000."
+            "Run the gateway. Either manage a vLLM engine (--model DIR, started as a child process on a private "
+            "port) or attach to a running one (--upstream URL). Each flag can also be set with the environment "
+            "variable named in its help, e.g. FLUSHGATE_PORT=9000."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -62,6 +68,54 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("UPSTREAM", None, str),
         metavar="URL",
         help="engine to forward to, e.g. http://127.0.0.1:8001 (FLUSHGATE_UPSTREAM)",
+    )
+    engine = serve.add_argument_group("managed engine (with --model)")
+    engine.add_argument(
+        "--model",
+        default=_env("MODEL", None, str),
+        metavar="DIR",
+        help="model folder (or hub id) for a managed vLLM engine (FLUSHGATE_MODEL)",
+    )
+    engine.add_argument(
+        "--preset",
+        default=_env("PRESET", None, str),
+        choices=sorted(PRESETS),
+        help="named engine set-up, see README (FLUSHGATE_PRESET)",
+    )
+    engine.add_argument(
+        "--engine-arg",
+        dest="engine_args",
+        action="append",
+        metavar="ARGS",
+        default=_env("ENGINE_ARGS", _no_args, lambda raw: [raw]),
+        help="extra vLLM arguments, passed through untouched; repeatable, each value split like a "
+        "shell line, e.g. --engine-arg='--max-num-seqs 64' (FLUSHGATE_ENGINE_ARGS)",
+    )
+    engine.add_argument(
+        "--served-model-name",
+        default=_env("SERVED_MODEL_NAME", None, str),
+        metavar="NAME",
+        help="model name clients use; default: the model folder's name (FLUSHGATE_SERVED_MODEL_NAME)",
+    )
+    engine.add_argument(
+        "--engine-python",
+        default=_env("ENGINE_PYTHON", None, str),
+        metavar="PATH",
+        help="Python interpreter with vLLM installed; default: flushgate's own (FLUSHGATE_ENGINE_PYTHON)",
+    )
+    engine.add_argument(
+        "--engine-grace",
+        type=float,
+        default=_env("ENGINE_GRACE", 15.0, float),
+        metavar="S",
+        help="on shutdown, seconds the engine gets after SIGTERM before SIGKILL (FLUSHGATE_ENGINE_GRACE)",
+    )
+    engine.add_argument(
+        "--engine-log",
+        default=_env("ENGINE_LOG", None, str),
+        metavar="FILE",
+        help="with console logs, the file for the engine's own lines; default "
+        ".cache/flushgate/engine.log (FLUSHGATE_ENGINE_LOG)",
     )
     serve.add_argument(
         "--host",
@@ -97,6 +151,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("LOG_FORMAT", "auto", str),
         help="auto: readable on a terminal, JSON lines otherwise (FLUSHGATE_LOG_FORMAT)",
     )
+    serve.add_argument(
+        "--log-content",
+        action=argparse.BooleanOptionalAction,
+        default=_env("LOG_CONTENT", False, _bool),
+        help="put prompts and completions in the per-request record; off, they are never logged "
+        "(FLUSHGATE_LOG_CONTENT)",
+    )
+    serve.add_argument(
+        "--hop-timing",
+        action=argparse.BooleanOptionalAction,
+        default=_env("HOP_TIMING", True, _bool),
+        help="per-chunk timestamps for the per-request record and metrics (FLUSHGATE_HOP_TIMING)",
+    )
+    serve.add_argument(
+        "--timing-summary",
+        action=argparse.BooleanOptionalAction,
+        default=_env("TIMING_SUMMARY", False, _bool),
+        help="end every event stream with a ': flushgate-timing {...}' SSE comment; a client can also ask per "
+        "request with the header 'X-Flushgate-Timing: summary' (FLUSHGATE_TIMING_SUMMARY)",
+    )
+    serve.add_argument(
+        "--engine-timing",
+        action=argparse.BooleanOptionalAction,
+        default=_env("ENGINE_TIMING", True, _bool),
+        help="managed engine: have vLLM export its per-request timing (queue, prefill, decode) to a private "
+        "OTLP receiver and join it into the record (FLUSHGATE_ENGINE_TIMING)",
+    )
     return parser
 
 
@@ -105,8 +186,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
         host=args.host,
         port=args.port,
         upstream=args.upstream,
+        model=args.model,
+        preset=args.preset,
+        engine_args=tuple(arg for value in args.engine_args for arg in shlex.split(value)),
+        served_model_name=args.served_model_name,
+        engine_python=args.engine_python,
+        engine_grace=args.engine_grace,
+        engine_log=args.engine_log,
         timeouts=Timeouts(connect=args.connect_timeout, idle=args.idle_timeout, drain=args.drain_timeout),
         log_format=args.log_format,
+        log_content=args.log_content,
+        hop_timing=args.hop_timing,
+        timing_summary=args.timing_summary,
+        engine_timing=args.engine_timing,
     ).validate()
 
 

@@ -34,13 +34,28 @@ class Config:
     preset: str | None = None
     engine_args: tuple[str, ...] = ()
     served_model_name: str | None = None
+    engine_python: str | None = None  # interpreter that has vLLM; default: the gateway's own
+    engine_grace: float = 15.0  # after SIGTERM, seconds before the engine gets SIGKILL
+    engine_log: str | None = None  # console mode: file for the engine's own lines
     timeouts: Timeouts = field(default_factory=Timeouts)
     log_format: LogFormat = "auto"
     log_content: bool = False
+    hop_timing: bool = True
+    timing_summary: bool = False
+    engine_timing: bool = True  # managed engine: join vLLM's per-request spans into the record
 
     def validate(self) -> Config:
         if (self.upstream is None) == (self.model is None):
             raise ConfigError("give exactly one of --upstream URL (attach to an engine) or --model DIR (manage one)")
+        if self.model is None and (self.preset or self.engine_args or self.served_model_name):
+            raise ConfigError("--preset, --engine-arg and --served-model-name need --model (a managed engine)")
+        if self.preset is not None:
+            from flushgate.engine.presets import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ConfigError(f"unknown --preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
+        if self.engine_grace < 0:
+            raise ConfigError("--engine-grace must not be negative")
         if self.upstream is not None:
             parts = urlsplit(self.upstream)
             if parts.scheme not in ("http", "https") or not parts.netloc:

@@ -12,8 +12,12 @@ import structlog
 from flushgate.config import LogFormat
 
 
+def is_console(fmt: LogFormat) -> bool:
+    return fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+
+
 def configure(fmt: LogFormat = "auto") -> None:
-    console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+    console = is_console(fmt)
     processors: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
