@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from flushgate.proxy.errors import error_response
 from flushgate.proxy.health import healthz, readyz
+from flushgate.proxy.ollama.api import add_ollama_routes
 from flushgate.proxy.passthrough import forward
 from flushgate.proxy.state import GATEWAY, Gateway
 
@@ -37,5 +38,6 @@ def build_app(gateway: Gateway) -> web.Application:
     router.add_get("/metrics", metrics)
     for path in PASSTHROUGH_PATHS:
         router.add_route("*", path, forward)
+    add_ollama_routes(router, gateway)
     router.add_route("*", "/{tail:.*}", not_found)
     return app
