@@ -29,6 +29,7 @@ from flushgate.bench.procstat import machine_busy_seconds, tree_cpu_seconds
 from flushgate.bench.report import (
     DIRECT,
     FLUSHGATE,
+    FLUSHGATE_NO_HOP,
     LITELLM,
     NGINX,
     Cell,
@@ -143,6 +144,14 @@ class Bench:
                 args.proxy_cpu,
                 None if args.flushgate_log == "devnull" else self.workdir / "flushgate.log",
                 args.flushgate_args.split(),
+            ),
+            FLUSHGATE_NO_HOP: lambda: start_flushgate(
+                self.workdir,
+                engine_port,
+                args.proxy_cpu,
+                None if args.flushgate_log == "devnull" else self.workdir / "flushgate-no-hop.log",
+                [*args.flushgate_args.split(), "--no-hop-timing"],
+                name=FLUSHGATE_NO_HOP,
             ),
             NGINX: lambda: start_nginx(self.workdir, engine_port, args.proxy_cpu, args.nginx),
             LITELLM: lambda: start_litellm(
@@ -326,7 +335,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budget-s", type=float, default=480, help="start no round that would end the measuring after this many s"
     )
-    parser.add_argument("--targets", nargs="+", default=[DIRECT, FLUSHGATE, NGINX, LITELLM])
+    parser.add_argument(
+        "--targets", nargs="+", default=[DIRECT, FLUSHGATE, FLUSHGATE_NO_HOP, NGINX, LITELLM], help="names to measure"
+    )
     parser.add_argument("--scenarios", nargs="+", default=[s.name for s in SCENARIOS])
     parser.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
     parser.add_argument("--litellm", default=".venv-litellm/bin/litellm")

@@ -129,7 +129,12 @@ def start_engine(workdir: Path, cpu: int | None) -> Target:
 
 
 def start_flushgate(
-    workdir: Path, engine_port: int, cpu: int | None, log_to: Path | None, extra_args: Sequence[str] = ()
+    workdir: Path,
+    engine_port: int,
+    cpu: int | None,
+    log_to: Path | None,
+    extra_args: Sequence[str] = (),
+    name: str = "flushgate",
 ) -> Target:
     port = free_port()
     log_path = log_to or Path(os.devnull)
@@ -155,7 +160,8 @@ def start_flushgate(
         process = _spawn(command, log)
     from flushgate import __version__
 
-    target = Target("flushgate", port, process, log_path, f"flushgate {__version__}")
+    version = " ".join(["flushgate", __version__, *extra_args])
+    target = Target(name, port, process, log_path, version)
     target.wait_ready("/healthz", 30)
     return target
 
