@@ -52,9 +52,9 @@ T = TypeVar("T")
 
 SCENARIOS = (
     Scenario("1x8ms", streams=1, requests=20, tokens=32, interval_us=8000, deadline_s=30),
-    Scenario("64x8ms", streams=64, requests=2, tokens=64, interval_us=8000, deadline_s=30),
-    Scenario("256x1ms", streams=256, requests=1, tokens=200, interval_us=1000, deadline_s=40),
-    Scenario("1xb2b", streams=1, requests=3, tokens=4000, interval_us=0, deadline_s=30),
+    Scenario("64x8ms", streams=64, requests=2, tokens=64, interval_us=8000, deadline_s=20),
+    Scenario("256x1ms", streams=256, requests=1, tokens=200, interval_us=1000, deadline_s=20),
+    Scenario("1xb2b", streams=1, requests=3, tokens=4000, interval_us=0, deadline_s=15),
 )
 TITLES = {
     "1x8ms": "1 stream, 8 ms/token",
@@ -333,7 +333,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="where results.{md,json,png} go")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument(
-        "--budget-s", type=float, default=480, help="start no round that would end the measuring after this many s"
+        "--budget-s", type=float, default=540, help="start no round that would end the measuring after this many s"
     )
     parser.add_argument(
         "--targets", nargs="+", default=[DIRECT, FLUSHGATE, FLUSHGATE_NO_HOP, NGINX, LITELLM], help="names to measure"
