@@ -24,17 +24,22 @@ from flushgate.bench.runner import SCENARIOS, _run
 from flushgate.bench.targets import HOST, start_engine, start_flushgate
 
 
-def top_frames(collapsed: str, count: int) -> list[tuple[float, str]]:
-    """Share of samples per innermost frame, from py-spy's raw (collapsed stack) output."""
-    own: Counter[str] = Counter()
+def top_frames(collapsed: str, count: int, *, inclusive: bool = False) -> list[tuple[float, str]]:
+    """Share of samples per frame from py-spy's raw (collapsed stack) output: innermost frames only, or every
+    frame on the stack (``inclusive``), with line numbers dropped so a function counts once."""
+    counted: Counter[str] = Counter()
     total = 0
     for line in collapsed.splitlines():
         stack, _, samples = line.rpartition(" ")
         if not stack or not samples.isdigit():
             continue
         total += int(samples)
-        own[stack.rsplit(";", 1)[-1]] += int(samples)
-    return [(n / total * 100, frame) for frame, n in own.most_common(count)] if total else []
+        if inclusive:
+            for frame in {f.rsplit(":", 1)[0] for f in stack.split(";")}:
+                counted[frame] += int(samples)
+        else:
+            counted[stack.rsplit(";", 1)[-1]] += int(samples)
+    return [(n / total * 100, frame) for frame, n in counted.most_common(count)] if total else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,9 +73,15 @@ def main(argv: list[str] | None = None) -> int:
             spy.wait(30)
             gateway.stop()
             engine.stop()
-    print(f"collapsed stacks: {raw}")
-    for share, frame in top_frames(raw.read_text(), 25):
-        print(f"{share:5.1f}%  {frame}")
+    collapsed = raw.read_text()
+    lines = [f"flushgate, scenario {args.scenario} x {args.repeat}: share of py-spy samples (GIL held)", "", "own:"]
+    lines += [f"{share:5.1f}%  {frame}" for share, frame in top_frames(collapsed, 25)]
+    lines += ["", "including callees:"]
+    lines += [f"{share:5.1f}%  {frame}" for share, frame in top_frames(collapsed, 40, inclusive=True)]
+    summary = args.out / f"flushgate-{args.scenario}-top.txt"
+    summary.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\ncollapsed stacks: {raw}\nsummary: {summary}")
     return 0
 
 
