@@ -39,11 +39,14 @@ MANAGEMENT_ROUTES = (
 )
 
 
-def add_ollama_routes(router: web.UrlDispatcher, gateway: Gateway) -> None:
-    """Register Ollama's API; must come before any catch-all route."""
+def add_ollama_routes(
+    router: web.UrlDispatcher, gateway: Gateway, root: Callable[[Handler], Handler] = lambda handler: handler
+) -> None:
+    """Register Ollama's API; must come before any catch-all route. ``root`` wraps the ``GET /`` handler, so the
+    path can be shared with something else (the chat page, for browsers)."""
     api = OllamaApi(gateway)
     routes: list[tuple[str, str, Handler]] = [
-        ("GET", "/", api.root),
+        ("GET", "/", root(api.root)),
         ("GET", "/api/version", api.version),
         ("GET", "/api/tags", api.tags),
         ("GET", "/api/ps", api.ps),
