@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from flushgate.proxy.affinity import affinity_key
@@ -46,17 +47,21 @@ CONTENT_CAP = 1 << 20  # --log-content keeps at most this much of each side
 RETRY_STATUSES = frozenset({502, 503, 504})
 
 
-async def forward(request: web.Request) -> web.StreamResponse:
+async def forward(
+    request: web.Request, body: bytes | None = None, received: float = 0.0, body_done: float = 0.0
+) -> web.StreamResponse:
+    """Forward ``request``. A caller that already read the client's body passes it as ``body`` (possibly
+    rewritten), with when the request arrived (``received``) and when its body was read (``body_done``)."""
     gateway = request.app[GATEWAY]
     record = RequestRecord(
         request_id=request.headers.get(REQUEST_ID) or new_request_id(),
         method=request.method,
         path=request.path,
-        timings=RequestTimings(start=now()),
+        timings=RequestTimings(start=received or now(), body_done=body_done),
     )
     gateway.enter()
     try:
-        return await _exchange(request, gateway, record)
+        return await _exchange(request, gateway, record, body)
     except asyncio.CancelledError:
         record.outcome = "client_abort"  # aiohttp cancels the handler when the client's connection is lost
         raise
@@ -66,7 +71,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
         gateway.recorder.finish(record)
 
 
-async def _exchange(request: web.Request, gateway: Gateway, record: RequestRecord) -> web.StreamResponse:
+async def _exchange(
+    request: web.Request, gateway: Gateway, record: RequestRecord, body: bytes | None
+) -> web.StreamResponse:
     refusal = gateway.refusal()
     if refusal is not None:
         record.outcome = "rejected"
@@ -81,14 +88,24 @@ async def _exchange(request: web.Request, gateway: Gateway, record: RequestRecor
     router = gateway.router
     assert router is not None  # Gateway makes one for its backend when none is given
     timings = record.timings
-    if not request.body_exists:
+    headers = upstream_request_headers(request.headers, record.request_id, request.remote)
+    outgoing: OutgoingBody | None = None
+    if body is not None:
+        timings.body_done = timings.body_done or now()
+        timings.bytes_in = request.content_length or len(body)
+        if record.model is None and (found := MODEL_FIELD.search(body)):
+            record.model = found.group(1).decode("utf-8", "replace")
+        if gateway.log_content:
+            record.content = {"request": body[:CONTENT_CAP].decode("utf-8", "replace")}
+        headers.popall("Content-Length", None)  # aiohttp sets the new body's length
+        outgoing = OutgoingBody(body, None)
+    elif request.body_exists and router.several:
+        outgoing = await read_ahead(_request_body(request, record, gateway.log_content))
+    elif not request.body_exists:
         timings.body_done = timings.start
-    body: OutgoingBody | None = None
     key: int | None = None
-    if request.body_exists and router.several:
-        body = await read_ahead(_request_body(request, record, gateway.log_content))
-        if body.complete and router.policy.mode == "prefix-affinity":
-            key = affinity_key(body.head)
+    if outgoing is not None and outgoing.complete and router.policy.mode == "prefix-affinity":
+        key = affinity_key(outgoing.head)
     tried: list[EngineMember] = []
     timings.upstream_call = now()
     while True:
@@ -97,7 +114,7 @@ async def _exchange(request: web.Request, gateway: Gateway, record: RequestRecor
             return _no_engine(router, record)
         router.acquire(member)
         try:
-            response = await _attempt(request, gateway, record, member, body, tried)
+            response = await _attempt(request, gateway, record, member, headers, outgoing, tried)
             if response is not None:
                 return response
         finally:
@@ -110,6 +127,7 @@ async def _attempt(
     gateway: Gateway,
     record: RequestRecord,
     member: EngineMember,
+    headers: CIMultiDict[str],
     body: OutgoingBody | None,
     tried: list[EngineMember],
 ) -> web.StreamResponse | None:
@@ -118,17 +136,16 @@ async def _attempt(
     assert router is not None
     base = member.url
     record.served_by = base
+    data: bytes | AsyncIterator[bytes] | None = None
     if body is not None:
-        data: object = body.payload()
+        data = body.payload()
     elif request.body_exists:
         data = _request_body(request, record, gateway.log_content)
-    else:
-        data = None
     try:
         upstream = await gateway.session.request(
             request.method,
             URL(base + request.raw_path, encoded=True),
-            headers=upstream_request_headers(request.headers, record.request_id, request.remote),
+            headers=headers,
             data=data,
             allow_redirects=False,
             trace_request_ctx=record.timings,

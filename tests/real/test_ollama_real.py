@@ -255,9 +255,23 @@ async def test_openai_chat_stream_with_enable_thinking_gives_the_reasoning_field
     assert results == {True: ("Thinking", "Hello!"), False: ("", "Hello!")}
 
 
+async def test_openai_model_aliases_pick_the_thinking_mode(openai_client: openai.AsyncOpenAI) -> None:
+    results: dict[str, tuple[str, str]] = {}
+    for name in (f"{MODEL}:think", f"{MODEL}:nothink"):
+        stream = await openai_client.chat.completions.create(model=name, messages=OPENAI_USER, stream=True)
+        reasoning, content = "", ""
+        async for chunk in stream:
+            if chunk.choices:
+                delta: Any = chunk.choices[0].delta
+                reasoning += getattr(delta, "reasoning", None) or ""
+                content += delta.content or ""
+        results[name] = (reasoning, content.strip())
+    assert results == {f"{MODEL}:think": ("Thinking", "Hello!"), f"{MODEL}:nothink": ("", "Hello!")}
+
+
 async def test_openai_completions_and_models(openai_client: openai.AsyncOpenAI) -> None:
     models = await openai_client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL, f"{MODEL}:think", f"{MODEL}:nothink"]
     completion = await openai_client.completions.create(model=MODEL, prompt="The sky is", max_tokens=5, seed=1)
     assert completion.usage is not None
     assert completion.usage.completion_tokens == 5
