@@ -27,6 +27,7 @@ from tests.several_engines import (
 )
 
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"  # forwarded as it streams in (chat bodies are read first, for model aliases)
 
 
 @pytest.fixture
@@ -49,8 +50,8 @@ def chat_body(first_user: str, turns: int = 1) -> bytes:
     return orjson.dumps({"model": "m", "messages": messages, "stream": True})
 
 
-async def post(http: aiohttp.ClientSession, server: Server, body: bytes) -> tuple[int, bytes]:
-    async with http.post(f"http://127.0.0.1:{server.port}{CHAT}", data=body) as resp:
+async def post(http: aiohttp.ClientSession, server: Server, body: bytes, path: str = CHAT) -> tuple[int, bytes]:
+    async with http.post(f"http://127.0.0.1:{server.port}{path}", data=body) as resp:
         return resp.status, await resp.read()
 
 
@@ -257,11 +258,11 @@ async def test_a_body_larger_than_the_read_ahead_is_retried_only_if_it_was_never
     server = await start_gateway(farm.urls[:1])
     refusing = await start_gateway([closed_url(), farm.urls[1]])
     try:
-        status, _ = await post(http, server, body)  # one engine: nothing to retry on anyway
+        status, _ = await post(http, server, body, COMPLETIONS)  # one engine: nothing to retry on anyway
         assert status == 503
         with capture_logs() as logs:
             for _ in range(2):  # one of the two goes to the refusing engine first
-                status, got = await post(http, refusing, body)
+                status, got = await post(http, refusing, body, COMPLETIONS)
                 assert (status, got) == (200, answer_event(1) + b"data: [DONE]\n\n")
         assert sum("failover" in record for record in records(logs)) == 1
         assert [sent for engine, sent in farm.arrivals if engine == 1] == [body, body]
@@ -277,7 +278,7 @@ async def test_a_sent_body_larger_than_the_read_ahead_is_not_replayed(
     farm.script = [answers_status(503)]  # type: ignore[list-item]
     server = await start_gateway(farm.urls[:2])
     try:
-        status, got = await post(http, server, chat_body("y" * 100_000))
+        status, got = await post(http, server, chat_body("y" * 100_000), COMPLETIONS)
     finally:
         await server.stop()
     ((engine, _),) = farm.arrivals
