@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import statistics
 import tempfile
@@ -27,6 +25,7 @@ from typing import Any
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
+from scripts.machine_info import machine
 from tests.real.conftest import MODEL_DIR, GatewayProcess
 from tests.real.vllm_engines import VllmServer, start_engines
 
@@ -123,21 +122,6 @@ async def run_mode(engines: list[VllmServer], mode: str, args: argparse.Namespac
         "ttft_ms_turn1_p50": round(statistics.median(t["ttft_ms"] for t in turns_done if t["turn"] == 0), 1),
         "ttft_ms_later_turns_p50": round(statistics.median(later), 1),
         "ttft_ms_later_turns_mean": round(statistics.fmean(later), 1),
-    }
-
-
-def machine() -> dict[str, Any]:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "loadavg_1m_at_end": os.getloadavg()[0],  # the machine is shared: other work shows here
     }
 
 

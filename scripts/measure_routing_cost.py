@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import timeit
 from pathlib import Path
@@ -29,6 +27,7 @@ from flushgate.proxy.router import Router, RoutingPolicy
 from flushgate.proxy.upstream import Readiness, Unavailable
 from flushgate.record import RequestRecord
 from flushgate.timings import RequestTimings
+from scripts.machine_info import machine
 
 POOL_SIZES = (8, 80, 800)
 
@@ -115,16 +114,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     report = {
-        "machine": {
-            "cpu": next(
-                (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")),
-                platform.processor(),
-            ),  # fmt: skip
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "loadavg_1m": os.getloadavg()[0],
-        },
+        "machine": machine(),
         "decision": [decision_cost(size) for size in POOL_SIZES],
         "affinity_key": key_cost(),
         "metrics": series_per_engine(),
