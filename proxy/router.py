@@ -124,10 +124,11 @@ class Router:
 
     @property
     def base_url(self) -> str:
-        """The engine a request without affinity would go to now (for callers that need one URL)."""
-        member = self.pick(None)
-        if member is not None:
-            return member.url
+        """The engine a request without affinity would go to now (for callers that need one URL, such as
+        the Ollama routes); not counted as a routing decision."""
+        candidates, _ = self._candidates(())
+        if candidates:
+            return self._least_outstanding(candidates).url
         return self.pool.members[0].url if self.pool.members else ""
 
     def unavailable(self) -> Unavailable | None:
