@@ -44,7 +44,6 @@ class EngineMember:
     ejected_until: float = 0.0
     consecutive_failures: int = 0
     ejections: int = 0
-    served: int = 0
     picks: dict[str, int] = field(default_factory=dict)  # routing decisions that chose this engine, by reason
     last_check: Readiness | None = None
 

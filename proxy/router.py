@@ -106,7 +106,6 @@ class Router:
 
     def acquire(self, member: EngineMember) -> None:
         member.outstanding += 1
-        member.served += 1
 
     def release(self, member: EngineMember) -> None:
         member.outstanding -= 1
