@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from flushgate import __version__
 from flushgate.config import Config, ConfigError, Timeouts
+from flushgate.doctor.cli import add_doctor_parser, run_doctor
 from flushgate.engine.presets import PRESETS
 from flushgate.logs import configure
 
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("LOG_FORMAT", "auto", str),
         help="auto: readable on a terminal, JSON lines otherwise (FLUSHGATE_LOG_FORMAT)",
     )
+    add_doctor_parser(commands)
     return parser
 
 
@@ -182,6 +184,8 @@ def _run(coro: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "doctor":
+        return run_doctor(args)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
