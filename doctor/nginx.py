@@ -94,7 +94,9 @@ class BufferingNginx:
         self.port = self.port or free_port()
         conf = self.root / "nginx.conf"
         conf.write_text(buffering_conf(self.root.resolve(), self.upstream, self.port))
-        self._process = subprocess.Popen([binary, "-p", str(self.root.resolve()), "-c", str(conf.resolve())])
+        root = str(self.root.resolve())
+        # -e: the error log before the configuration is read, which by default is a file only root may open
+        self._process = subprocess.Popen([binary, "-p", root, "-e", f"{root}/error.log", "-c", str(conf.resolve())])
         deadline = time.monotonic() + ready_timeout_s
         while True:  # nginx has no readiness signal to wait on but its listening socket
             if self._process.poll() is not None:

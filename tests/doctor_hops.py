@@ -8,6 +8,7 @@ upstream and does one thing wrong, the way real proxies do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,11 +26,13 @@ WORDS = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", 
 class CadenceEngine:
     """OpenAI SSE (``/v1/chat/completions``) and Ollama NDJSON (``/api/chat``) at one token per ``step_s``.
 
-    ``pause_after``/``pause_s``: one long silence mid-answer, as a thinking or preempted request has.
+    Like vLLM, it sends the response headers at once and the first event (the role) with the first token, after
+    ``prefill_s``. ``pause_after``/``pause_s``: one long silence mid-answer, as a thinking or preempted request has.
     """
 
     tokens: int = 32
     step_s: float = 0.02
+    prefill_s: float = 0.0
     pause_after: int | None = None
     pause_s: float = 0.0
     port: int = 0
@@ -57,7 +60,7 @@ class CadenceEngine:
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "cadence-model", "object": "model"}]})
 
-    async def _tokens(self, max_tokens: int) -> list[str]:
+    def _tokens(self, max_tokens: int) -> list[str]:
         return [WORDS[i % len(WORDS)] for i in range(min(self.tokens, max_tokens))]
 
     async def _step(self, index: int) -> None:
@@ -80,9 +83,12 @@ class CadenceEngine:
             }
             return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-        await response.write(event({"role": "assistant", "content": ""}))
-        for index, word in enumerate(await self._tokens(body.get("max_tokens") or self.tokens)):
-            await self._step(index)
+        await asyncio.sleep(self.prefill_s)
+        for index, word in enumerate(self._tokens(body.get("max_tokens") or self.tokens)):
+            if index:
+                await self._step(index)
+            else:
+                await response.write(event({"role": "assistant", "content": ""}))
             await response.write(event({"content": word}))
         await response.write(event({}, "length") + b"data: [DONE]\n\n")
         return response
@@ -92,8 +98,10 @@ class CadenceEngine:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         limit = (body.get("options") or {}).get("num_predict") or self.tokens
-        for index, word in enumerate(await self._tokens(limit)):
-            await self._step(index)
+        await asyncio.sleep(self.prefill_s)
+        for index, word in enumerate(self._tokens(limit)):
+            if index:
+                await self._step(index)
             line = {"model": body.get("model"), "message": {"role": "assistant", "content": word}, "done": False}
             await response.write(orjson.dumps(line) + b"\n")
         last = {"model": body.get("model"), "message": {"role": "assistant", "content": ""}, "done": True}
@@ -142,7 +150,9 @@ class Hop:
         if self.delay_request_s:
             await asyncio.sleep(self.delay_request_s)
         headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
-        async with self._session.request(request.method, self.upstream + request.path_qs, data=data, headers=headers) as up:
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, data=data, headers=headers
+        ) as up:
             response = web.StreamResponse(
                 status=up.status, headers={"Content-Type": up.headers["Content-Type"], **self.extra_headers}
             )
@@ -207,10 +217,8 @@ def flush_every(period_s: float) -> Relay:
 
         reader = asyncio.create_task(collect())
         while not finished.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(finished.wait(), period_s)
-            except TimeoutError:
-                pass
             if held:
                 batch = b"".join(held)
                 held.clear()

@@ -15,6 +15,7 @@ import pytest_asyncio
 from flushgate.config import Config
 from flushgate.doctor.probe import Path, PathResult, ProbeReport, ProbeSettings, probe
 from flushgate.doctor.render import render
+from flushgate.doctor.verdicts import SLOW_RATIO
 from flushgate.server import Server
 from tests.doctor_hops import (
     CadenceEngine,
@@ -155,7 +156,7 @@ def test_a_hop_slower_than_the_engine_is_slow(planted: ProbeReport) -> None:
     assert kinds(result) == {"slow"}
     assert result.measures.tok_s is not None
     assert planted.engine.tok_s is not None
-    assert result.measures.tok_s < 0.6 * planted.engine.tok_s
+    assert result.measures.tok_s < SLOW_RATIO * planted.engine.tok_s
     assert text(result, "slow").startswith("slow: ")
 
 
