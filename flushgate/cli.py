@@ -152,6 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("LOG_FORMAT", "auto", str),
         help="auto: readable on a terminal, JSON lines otherwise (FLUSHGATE_LOG_FORMAT)",
     )
+    serve.add_argument(
+        "--log-content",
+        action=argparse.BooleanOptionalAction,
+        default=_env("LOG_CONTENT", False, _bool),
+        help="put prompts and completions in the per-request record; off, they are never logged "
+        "(FLUSHGATE_LOG_CONTENT)",
+    )
+    serve.add_argument(
+        "--hop-timing",
+        action=argparse.BooleanOptionalAction,
+        default=_env("HOP_TIMING", True, _bool),
+        help="per-chunk timestamps for the per-request record and metrics (FLUSHGATE_HOP_TIMING)",
+    )
+    serve.add_argument(
+        "--timing-summary",
+        action=argparse.BooleanOptionalAction,
+        default=_env("TIMING_SUMMARY", False, _bool),
+        help="end every event stream with a ': flushgate-timing {...}' SSE comment; a client can also ask per "
+        "request with the header 'X-Flushgate-Timing: summary' (FLUSHGATE_TIMING_SUMMARY)",
+    )
+    serve.add_argument(
+        "--engine-timing",
+        action=argparse.BooleanOptionalAction,
+        default=_env("ENGINE_TIMING", True, _bool),
+        help="managed engine: have vLLM export its per-request timing (queue, prefill, decode) to a private "
+        "OTLP receiver and join it into the record (FLUSHGATE_ENGINE_TIMING)",
+    )
     add_doctor_parser(commands)
     return parser
 
@@ -170,6 +197,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         engine_log=args.engine_log,
         timeouts=Timeouts(connect=args.connect_timeout, idle=args.idle_timeout, drain=args.drain_timeout),
         log_format=args.log_format,
+        log_content=args.log_content,
+        hop_timing=args.hop_timing,
+        timing_summary=args.timing_summary,
+        engine_timing=args.engine_timing,
     ).validate()
 
 

@@ -40,6 +40,9 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     log_format: LogFormat = "auto"
     log_content: bool = False
+    hop_timing: bool = True
+    timing_summary: bool = False
+    engine_timing: bool = True  # managed engine: join vLLM's per-request spans into the record
 
     def validate(self) -> Config:
         if (self.upstream is None) == (self.model is None):

@@ -17,10 +17,14 @@ from flushgate.engine.command import build_spec
 from flushgate.engine.presets import get_preset
 from flushgate.engine.supervisor import EngineSupervisor
 from flushgate.engine_output import EngineOutput, show_progress
+from flushgate.engine_timing import EngineTimings, OtlpReceiver
 from flushgate.logs import get_logger, is_console
+from flushgate.metrics import Metrics
 from flushgate.proxy.app import build_app
+from flushgate.proxy.passthrough import connection_tracing
 from flushgate.proxy.state import Gateway
 from flushgate.proxy.upstream import AttachedBackend, Backend, open_session
+from flushgate.recorder import Recorder
 
 
 class Server:
@@ -35,19 +39,26 @@ class Server:
         self.supervisor: EngineSupervisor | None = None
         self._engine_output: EngineOutput | None = None
         self._progress: asyncio.Task[None] | None = None
+        self._receiver: OtlpReceiver | None = None
+        self.engine_timings: EngineTimings | None = None
         self.port: int = config.port
 
-    def _make_backend(self) -> Backend:
+    async def _make_backend(self) -> Backend:
         config = self.config
         if config.upstream_base is not None:
             return AttachedBackend(config.upstream_base)
         assert config.model is not None
+        if config.engine_timing:
+            self.engine_timings = EngineTimings()
+            self._receiver = OtlpReceiver(self.engine_timings, self.log)
+            await self._receiver.start()
         spec = build_spec(
             config.model,
             python=config.engine_python or sys.executable,
             preset=get_preset(config.preset) if config.preset else None,
             extra_args=config.engine_args,
             served_model_name=config.served_model_name,
+            traces_endpoint=self._receiver.endpoint if self._receiver else None,
         )
         console = is_console(config.log_format)
         log_file = Path(config.engine_log or ".cache/flushgate/engine.log") if console else None
@@ -64,10 +75,23 @@ class Server:
 
     async def start(self) -> None:
         config = self.config
-        backend = self._backend or self._make_backend()
-        self.gateway = Gateway(
-            backend=backend, session=open_session(config.timeouts), timeouts=config.timeouts, log=self.log
+        backend = self._backend or await self._make_backend()
+        gateway_state: list[Gateway] = []
+        metrics = Metrics(
+            inflight=lambda: float(gateway_state[0].inflight),
+            engine_restarts=(lambda: float(sup.restarts)) if (sup := self.supervisor) else None,
         )
+        self.gateway = Gateway(
+            backend=backend,
+            session=open_session(config.timeouts, [connection_tracing()]),
+            timeouts=config.timeouts,
+            log=self.log,
+            recorder=Recorder(self.log, metrics, self.engine_timings),
+            hop_timing=config.hop_timing,
+            timing_summary=config.timing_summary,
+            log_content=config.log_content,
+        )
+        gateway_state.append(self.gateway)
         # handler_cancellation: a client that goes away cancels its handler, which closes the upstream request,
         # even while a non-streamed request is still waiting for the engine's answer.
         self._runner = web.AppRunner(
@@ -99,8 +123,12 @@ class Server:
         if self.gateway is not None:
             drained = await self.gateway.wait_idle(self.config.timeouts.drain)
             self.log.info("drained" if drained else "drain_timeout", inflight=self.gateway.inflight)
+        if self.gateway is not None:
+            await self.gateway.recorder.flush()
         if self.supervisor is not None:
             await self.supervisor.stop()
+        if self._receiver is not None:
+            await self._receiver.stop()
         if self._progress is not None:
             self._progress.cancel()
         if self._engine_output is not None:

@@ -2,36 +2,91 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from array import array
+from dataclasses import dataclass, field
+from itertools import pairwise
 from time import perf_counter
 
 now = perf_counter
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (q in 0..100)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, -(-len(sorted_values) * q // 100))  # ceil without floats drifting
+    return sorted_values[min(len(sorted_values), int(rank)) - 1]
 
 
 @dataclass(slots=True)
 class RequestTimings:
     """Monotonic timestamps (seconds, ``perf_counter``) and counters for one request.
 
-    The hot path only assigns to these fields; arithmetic happens in :meth:`summary`.
+    The hot path only assigns to these fields and appends to two arrays of doubles (no object per chunk is
+    kept); arithmetic happens in :meth:`summary`.
     """
 
     start: float
+    body_done: float = 0.0  # last byte of the request body read from the client
+    upstream_call: float = 0.0  # the gateway hands the request to its upstream connection pool
+    connect_start: float = 0.0
+    connect_end: float = 0.0
+    connection_reused: bool | None = None
     upstream_headers: float = 0.0
-    first_chunk: float = 0.0
-    last_chunk: float = 0.0
+    first_token: float = 0.0  # first chunk carrying generated text (or reasoning, or a tool call)
     end: float = 0.0
-    chunks: int = 0
+    bytes_in: int = 0
     bytes_out: int = 0
+    events: int = 0
+    write_blocked: float = 0.0  # time spent inside writes to the client (backpressure from a slow reader)
+    arrivals: array[float] = field(default_factory=lambda: array("d"))  # upstream chunk arrival times
+    handling: array[float] = field(default_factory=lambda: array("d"))  # per chunk: arrival to write done
 
-    def summary(self) -> dict[str, float | int | None]:
+    @property
+    def chunks(self) -> int:
+        return len(self.arrivals)
+
+    @property
+    def first_chunk(self) -> float:
+        return self.arrivals[0] if self.arrivals else 0.0
+
+    @property
+    def last_chunk(self) -> float:
+        return self.arrivals[-1] if self.arrivals else 0.0
+
+    def gaps(self) -> list[float]:
+        """Seconds between consecutive upstream chunks, from the first token on (the role-only opening chunk and
+        the engine's time to first token are not inter-token gaps)."""
+        stamps = self.arrivals
+        first = self.first_token or self.first_chunk
+        return [b - a for a, b in pairwise(stamps) if a >= first]
+
+    def summary(self) -> dict[str, float | int | bool | None]:
         def since_start(t: float) -> float | None:
-            return round((t - self.start) * 1000, 3) if t else None
+            return _ms(t - self.start) if t else None
 
+        gaps = sorted(self.gaps())
+        connect = self.connect_end - self.connect_start if self.connect_end else None
         return {
+            "body_read_ms": since_start(self.body_done),
+            "upstream_connect_ms": None if connect is None else _ms(connect),
+            "upstream_reused": self.connection_reused,
             "upstream_ttfb_ms": since_start(self.upstream_headers),
-            "first_chunk_ms": since_start(self.first_chunk),
-            "last_chunk_ms": since_start(self.last_chunk),
-            "duration_ms": since_start(self.end),
+            "first_event_ms": since_start(self.first_chunk),
+            "first_token_ms": since_start(self.first_token),
+            "last_token_ms": since_start(self.last_chunk),
+            "total_ms": since_start(self.end),
+            "gap_p50_ms": _ms(percentile(gaps, 50)) if gaps else None,
+            "gap_p99_ms": _ms(percentile(gaps, 99)) if gaps else None,
+            "gap_max_ms": _ms(gaps[-1]) if gaps else None,
+            "gaps_over_100ms": sum(1 for g in gaps if g > 0.1),
+            "write_blocked_ms": _ms(self.write_blocked),
             "chunks": self.chunks,
+            "events_out": self.events,
+            "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }

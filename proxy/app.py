@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from flushgate.proxy.errors import error_response
 from flushgate.proxy.health import healthz, readyz
@@ -22,12 +23,18 @@ async def not_found(request: web.Request) -> web.Response:
     )
 
 
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[GATEWAY].recorder.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 def build_app(gateway: Gateway) -> web.Application:
     app = web.Application()
     app[GATEWAY] = gateway
     router = app.router
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)
+    router.add_get("/metrics", metrics)
     for path in PASSTHROUGH_PATHS:
         router.add_route("*", path, forward)
     router.add_route("*", "/{tail:.*}", not_found)

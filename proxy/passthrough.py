@@ -1,15 +1,20 @@
 """The hot path: forward a request upstream and stream the answer back, chunk by chunk, untouched.
 
-Per chunk the loop does three things: read what upstream has, stamp the time, write it to the client. Nothing
-is parsed, joined or held back; ``write`` hands the bytes to the transport at once and only waits when the
-client's socket is full, which is the backpressure that reaches the engine.
+Per chunk the loop reads what upstream has, stamps the time, writes it to the client and notes how long the
+write took. Nothing is parsed, joined or held back (the only look inside is a short pattern search for the first
+generated token, and only until it is found); ``write`` hands the bytes to the transport at once and only waits
+when the client's socket is full, which is the backpressure that reaches the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import aiohttp
+import orjson
 from aiohttp import web
 from yarl import URL
 
@@ -25,6 +30,14 @@ from flushgate.proxy.state import GATEWAY, Gateway
 from flushgate.record import RequestRecord
 from flushgate.timings import RequestTimings, now
 
+# A chunk that carries generated output: text, reasoning or the start of a tool call (OpenAI and Ollama shapes).
+FIRST_TOKEN = re.compile(
+    rb'"(?:content|reasoning_content|reasoning|text|thinking|response)"\s*:\s*"[^"]|"tool_calls"\s*:\s*\[\s*\{'
+)
+MODEL_FIELD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
+TIMING_OPT_IN = "X-Flushgate-Timing"
+CONTENT_CAP = 1 << 20  # --log-content keeps at most this much of each side
+
 
 async def forward(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
@@ -36,22 +49,21 @@ async def forward(request: web.Request) -> web.StreamResponse:
     )
     gateway.enter()
     try:
-        response = await _exchange(request, gateway, record)
-        record.status = response.status
-        return response
+        return await _exchange(request, gateway, record)
     except asyncio.CancelledError:
         record.outcome = "client_abort"  # aiohttp cancels the handler when the client's connection is lost
         raise
     finally:
         gateway.leave()
         record.timings.end = now()
-        record.emit(gateway.log)
+        gateway.recorder.finish(record)
 
 
 async def _exchange(request: web.Request, gateway: Gateway, record: RequestRecord) -> web.StreamResponse:
     refusal = gateway.refusal()
     if refusal is not None:
         record.outcome = "rejected"
+        record.status = 503
         return error_response(
             503,
             refusal.message,
@@ -60,18 +72,25 @@ async def _exchange(request: web.Request, gateway: Gateway, record: RequestRecor
         )
 
     base = gateway.backend.base_url
+    timings = record.timings
+    if not request.body_exists:
+        timings.body_done = timings.start
+    timings.upstream_call = now()
     try:
         upstream = await gateway.session.request(
             request.method,
             URL(base + request.raw_path, encoded=True),
             headers=upstream_request_headers(request.headers, record.request_id, request.remote),
-            data=request.content if request.body_exists else None,
+            data=_request_body(request, record, gateway.log_content) if request.body_exists else None,
             allow_redirects=False,
+            trace_request_ctx=timings,
         )
     except (aiohttp.ClientError, TimeoutError) as exc:
         record.outcome = "upstream_error"
         record.error = repr(exc)
-        return _upstream_failure(exc, base, record.request_id)
+        response = _upstream_failure(exc, base, record.request_id)
+        record.status = response.status
+        return response
 
     try:
         return await _relay(request, upstream, gateway, record)
@@ -83,21 +102,43 @@ async def _exchange(request: web.Request, gateway: Gateway, record: RequestRecor
             upstream.close()
 
 
+async def _request_body(request: web.Request, record: RequestRecord, keep: bool) -> AsyncIterator[bytes]:
+    """The client's body as it arrives, noting its size, its end, and the model it names."""
+    timings = record.timings
+    kept = bytearray() if keep else None
+    async for chunk in request.content.iter_any():
+        timings.bytes_in += len(chunk)
+        if record.model is None and (found := MODEL_FIELD.search(chunk)):
+            record.model = found.group(1).decode("utf-8", "replace")
+        if kept is not None and len(kept) < CONTENT_CAP:
+            kept += chunk[: CONTENT_CAP - len(kept)]
+        yield chunk
+    timings.body_done = now()
+    if kept is not None:
+        record.content = {"request": kept.decode("utf-8", "replace")}
+
+
 async def _relay(
     request: web.Request, upstream: aiohttp.ClientResponse, gateway: Gateway, record: RequestRecord
 ) -> web.StreamResponse:
     timings = record.timings
     timings.upstream_headers = now()
     record.status = upstream.status
-    response = web.StreamResponse(
-        status=upstream.status,
-        reason=upstream.reason,
-        headers=client_response_headers(upstream.headers, record.request_id),
-    )
+    kind = stream_kind(upstream.headers.get("Content-Type"))
+    record.stream = kind is not None
+    headers = client_response_headers(upstream.headers, record.request_id)
+    headers["Server-Timing"] = _server_timing(timings)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    kept = bytearray() if gateway.log_content else None
     try:
         await response.prepare(request)
         read = upstream.content.readany
         write = response.write
+        arrived = timings.arrivals.append
+        handled = timings.handling.append
+        hops = gateway.hop_timing
+        separator = b"\n\n" if kind == "sse" else b"\n"
+        token_seen = kind is None or not hops  # only event streams are searched for their first token
         while True:
             try:
                 chunk = await read()
@@ -105,18 +146,56 @@ async def _relay(
                 await _end_broken_stream(request, response, upstream, gateway, record, exc)
                 return response
             if not chunk:
-                return response
-            stamp = now()
-            if not timings.chunks:
-                timings.first_chunk = stamp
-            timings.last_chunk = stamp
-            timings.chunks += 1
+                break
             timings.bytes_out += len(chunk)
+            if kept is not None and len(kept) < CONTENT_CAP:
+                kept += chunk[: CONTENT_CAP - len(kept)]
+            if not hops:
+                await write(chunk)
+                continue
+            stamp = now()
+            arrived(stamp)
+            timings.events += chunk.count(separator)
+            if not token_seen and FIRST_TOKEN.search(chunk):
+                timings.first_token = stamp
+                token_seen = True
+            before = now()
             await write(chunk)
+            done = now()
+            handled(done - stamp)
+            timings.write_blocked += done - before
+        if kind == "sse" and (gateway.timing_summary or request.headers.get(TIMING_OPT_IN) == "summary"):
+            await response.write(await _timing_comment(gateway, record))
     except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError: the client went away
         record.outcome = "client_abort"
         record.error = repr(exc)
-        return response
+    finally:
+        if kept is not None:
+            record.content = {**(record.content or {}), "response": kept.decode("utf-8", "replace")}
+    return response
+
+
+def _server_timing(t: RequestTimings) -> str:
+    """What is known before the body starts: reading the client's body, connecting, the engine's first byte."""
+    parts = []
+    if t.body_done:
+        parts.append(f"client-body;dur={(t.body_done - t.start) * 1000:.3f}")
+    if t.connect_end:
+        parts.append(f"upstream-connect;dur={(t.connect_end - t.connect_start) * 1000:.3f}")
+    elif t.connection_reused:
+        parts.append('upstream-connect;dur=0;desc="reused"')
+    sent = max(t.body_done, t.connect_end, t.start)
+    parts.append(f"engine-ttfb;dur={(t.upstream_headers - sent) * 1000:.3f}")
+    return ", ".join(parts)
+
+
+async def _timing_comment(gateway: Gateway, record: RequestRecord) -> bytes:
+    """An SSE comment line (clients ignore it) with the request's record so far, engine split included."""
+    await gateway.recorder.join_engine(record, timeout_s=0.5)
+    record.timings.end = now()
+    fields = record.fields()
+    fields.pop("content", None)
+    return b": flushgate-timing " + orjson.dumps(fields) + b"\n\n"
 
 
 async def _end_broken_stream(
@@ -152,10 +231,7 @@ def _upstream_failure(exc: BaseException, base: str, request_id: str) -> web.Res
     headers = {REQUEST_ID: request_id}
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return error_response(
-            504,
-            f"connecting to the engine at {base} timed out",
-            code="upstream_connect_timeout",
-            headers=headers,
+            504, f"connecting to the engine at {base} timed out", code="upstream_connect_timeout", headers=headers
         )
     if isinstance(exc, TimeoutError):
         return error_response(
@@ -171,3 +247,26 @@ def _upstream_failure(exc: BaseException, base: str, request_id: str) -> web.Res
     return error_response(
         502, f"the engine at {base} failed before answering: {exc}", code="upstream_error", headers=headers
     )
+
+
+def connection_tracing() -> aiohttp.TraceConfig:
+    """Stamps connect start/end, or notes a pooled connection, into the ``RequestTimings`` of each request."""
+    trace = aiohttp.TraceConfig()
+
+    async def create_start(session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object) -> None:
+        if isinstance(timings := ctx.trace_request_ctx, RequestTimings):
+            timings.connect_start = now()
+            timings.connection_reused = False
+
+    async def create_end(session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object) -> None:
+        if isinstance(timings := ctx.trace_request_ctx, RequestTimings):
+            timings.connect_end = now()
+
+    async def reused(session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object) -> None:
+        if isinstance(timings := ctx.trace_request_ctx, RequestTimings):
+            timings.connection_reused = True
+
+    trace.on_connection_create_start.append(create_start)
+    trace.on_connection_create_end.append(create_end)
+    trace.on_connection_reuseconn.append(reused)
+    return trace

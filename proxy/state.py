@@ -11,6 +11,7 @@ from aiohttp import web
 
 from flushgate.config import Timeouts
 from flushgate.proxy.upstream import Backend, Unavailable
+from flushgate.recorder import Recorder
 
 
 @dataclass(slots=True)
@@ -19,6 +20,10 @@ class Gateway:
     session: aiohttp.ClientSession
     timeouts: Timeouts
     log: Any
+    recorder: Recorder
+    hop_timing: bool = True  # per-chunk timestamps for the record and metrics
+    timing_summary: bool = False  # end every event stream with a ': flushgate-timing {...}' comment
+    log_content: bool = False  # prompts and completions in the record
     draining: bool = False
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)

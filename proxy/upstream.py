@@ -71,7 +71,7 @@ async def probe_health(
         return Readiness(False, {"upstream": base_url, "error": str(exc) or type(exc).__name__})
 
 
-def open_session(timeouts: Timeouts) -> aiohttp.ClientSession:
+def open_session(timeouts: Timeouts, trace_configs: list[aiohttp.TraceConfig] | None = None) -> aiohttp.ClientSession:
     """One pooled session for all upstream traffic.
 
     No connection cap (aiohttp's default of 100 would silently queue the 101st stream), no decompression (bytes
@@ -85,4 +85,5 @@ def open_session(timeouts: Timeouts) -> aiohttp.ClientSession:
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Content-Type"),
+        trace_configs=trace_configs,
     )

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -8,6 +10,7 @@ import pytest
 from flushgate.config import Config, Timeouts
 from flushgate.server import Server
 from tests.fakes import FakeUpstream
+from tests.managed import FAKE_VLLM
 
 
 @pytest.fixture
@@ -45,3 +48,12 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         timeout=aiohttp.ClientTimeout(total=60),
     ) as session:
         yield session
+
+
+@pytest.fixture
+def engine_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put the stand-in vLLM first on the engine's import path; returns the file it records events in."""
+    monkeypatch.setenv("PYTHONPATH", f"{FAKE_VLLM}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    record = tmp_path / "engine-events"
+    monkeypatch.setenv("FAKE_ENGINE_RECORD", str(record))
+    return record

@@ -56,7 +56,11 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 # Text that is mostly multi-byte UTF-8 (accents, CJK, emoji), so cuts land inside characters.
-texts = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x1FAFF), min_size=1, max_size=400)
+texts = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x1FAFF, codec="utf-8"),
+    min_size=1,
+    max_size=400,
+)
 bodies = st.one_of(texts.map(lambda t: t.encode("utf-8")), st.binary(min_size=1, max_size=4000))
 
 

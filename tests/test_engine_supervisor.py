@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -14,72 +13,12 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from flushgate.config import Config, Timeouts
 from flushgate.engine.logparse import LoadPhase
 from flushgate.engine.process import group_alive
-from flushgate.engine.supervisor import Backoff, EngineState, EngineSupervisor
-from flushgate.server import Server
+from flushgate.engine.supervisor import Backoff, EngineState
+from tests.managed import managed_server, pid_alive, pids_of, recorded, supervisor_of, wait
 
-FAKE_VLLM = Path(__file__).parent / "fake_vllm"
 GUARD_S = 30
-
-
-@pytest.fixture
-def engine_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Put the stand-in vLLM first on the engine's import path; returns the file it records events in."""
-    monkeypatch.setenv("PYTHONPATH", f"{FAKE_VLLM}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    record = tmp_path / "engine-events"
-    monkeypatch.setenv("FAKE_ENGINE_RECORD", str(record))
-    return record
-
-
-def recorded(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
-
-
-def pids_of(path: Path) -> tuple[int, int]:
-    lines = recorded(path)
-    server = int(next(line for line in lines if line.startswith("server ")).split()[1])
-    worker = int(next(line for line in lines if line.startswith("worker ")).split()[1])
-    return server, worker
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-async def managed_server(tmp_path: Path, **config: object) -> Server:
-    model = tmp_path / "tiny-model"
-    model.mkdir(exist_ok=True)
-    settings: dict[str, object] = {"model": str(model), "port": 0, "log_format": "json", "timeouts": Timeouts(drain=5)}
-    settings.update(config)
-    server = Server(Config(**settings))  # type: ignore[arg-type]
-    assert server.supervisor is None
-    await server.start()
-    sup = server.supervisor
-    assert sup is not None
-    sup.backoff = Backoff(first_s=0.05, maximum_s=0.4, stable_after_s=3600)
-    sup.poll_interval_s = 0.02
-    return server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=GUARD_S)) as session:
-        yield session
-
-
-def supervisor_of(server: Server) -> EngineSupervisor:
-    assert server.supervisor is not None
-    return server.supervisor
-
-
-async def wait(sup: EngineSupervisor, condition: object) -> None:
-    await asyncio.wait_for(sup.wait_until(condition), GUARD_S)  # type: ignore[arg-type]
 
 
 async def test_the_gateway_listens_at_once_and_answers_503_while_the_model_loads(
@@ -110,7 +49,7 @@ async def test_the_gateway_listens_at_once_and_answers_503_while_the_model_loads
         async with http.get(base + "/readyz") as resp:
             assert resp.status == 200
             assert (await resp.json())["engine"]["state"] == "ready"
-        async with http.post(base + "/v1/chat/completions", json={}) as resp:
+        async with http.post(base + "/v1/chat/completions", json={"fake_tokens": 2}) as resp:
             assert resp.status == 200
             assert (await resp.content.readany()).startswith(b"data: ")
     finally:

@@ -138,4 +138,6 @@ async def test_one_record_is_logged_per_request(
     assert record["status"] == 200
     assert record["outcome"] == "completed"
     assert record["bytes_out"] == len(b'{"ok":true}')
-    assert record["duration_ms"] > 0
+    assert record["total_ms"] > 0
+    assert record["api"] == "openai"
+    assert record["bytes_in"] == 2

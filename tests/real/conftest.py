@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +56,21 @@ class GatewayProcess:
             self.events.append({"event": "stdout_closed"})
             self._changed.notify_all()
 
-    def wait_event(self, name: str, *, after: int = 0, timeout_s: float = ENGINE_READY_TIMEOUT_S) -> dict[str, Any]:
-        """The first event called ``name`` at index >= ``after``; fails if the process ends first."""
+    def wait_event(
+        self,
+        name: str,
+        *,
+        after: int = 0,
+        timeout_s: float = ENGINE_READY_TIMEOUT_S,
+        where: Callable[[dict[str, Any]], bool] = lambda event: True,
+    ) -> dict[str, Any]:
+        """The first event called ``name`` (and matching ``where``) at index >= ``after``; fails if the process
+        ends first."""
         deadline = time.monotonic() + timeout_s
         with self._changed:
             while True:
                 for event in self.events[after:]:
-                    if event.get("event") == name:
+                    if event.get("event") == name and where(event):
                         return event
                     if event.get("event") == "stdout_closed":
                         raise AssertionError(f"gateway exited before {name!r}; last events: {self.events[-5:]}")

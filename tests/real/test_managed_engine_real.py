@@ -115,3 +115,31 @@ async def test_readyz_reports_the_ready_engine_and_its_model(smol_gateway: Gatew
     assert body["ready"] is True
     assert body["engine"]["state"] == "ready"
     assert body["engine"]["model"] == MODEL
+
+
+async def test_the_record_joins_vllms_own_timing_for_the_request(smol_gateway: GatewayProcess) -> None:
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 16, "ignore_eos": True, "stream": True}
+    mark = smol_gateway.mark()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            smol_gateway.url + "/v1/chat/completions", json=body, headers={"X-Request-ID": "joined-1"}
+        ) as resp,
+    ):
+        assert resp.status == 200
+        await resp.read()
+    record = await asyncio.to_thread(
+        smol_gateway.wait_event, "request", after=mark, timeout_s=30, where=lambda e: e["request_id"] == "joined-1"
+    )
+    assert record["model"] == MODEL
+    assert record["stream"] is True
+    assert record["tokens"] == 16  # vLLM's own count, from its span
+    split = record["split"]
+    assert split["engine_prefill_ms"] > 0
+    assert split["engine_decode_ms"] > 0
+    assert split["engine_queue_ms"] >= 0
+    assert record["first_token_ms"] >= record["upstream_ttfb_ms"]
+    assert sum(split.values()) == pytest.approx(record["total_ms"], abs=0.01)
+    # the engine's decode time matches what the gateway saw between first and last token, within 10 %
+    seen = record["last_token_ms"] - record["first_token_ms"]
+    assert split["engine_decode_ms"] == pytest.approx(seen, rel=0.1, abs=5)

@@ -1,0 +1,56 @@
+"""Finishing a request's record: join the engine's own timing, observe metrics, write the log line."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from flushgate.engine_timing import EngineTimings
+from flushgate.metrics import Metrics
+from flushgate.record import RequestRecord
+
+ENGINE_JOIN_TIMEOUT_S = 2.0  # the engine exports its span ~50 ms after the request ends
+
+
+class Recorder:
+    def __init__(self, log: Any, metrics: Metrics, engine_timings: EngineTimings | None = None) -> None:
+        self.log = log
+        self.metrics = metrics
+        self.engine_timings = engine_timings
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def finish(self, record: RequestRecord) -> None:
+        """Publish now, or once the engine's span for this request has arrived (off the request's path)."""
+        if self.engine_timings is not None and record.engine is None and record.wants_engine_split():
+            task = asyncio.get_running_loop().create_task(self._join_then_publish(record))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        else:
+            self.publish(record)
+
+    async def join_engine(self, record: RequestRecord, timeout_s: float = ENGINE_JOIN_TIMEOUT_S) -> None:
+        if self.engine_timings is not None and record.engine is None:
+            record.engine = await self.engine_timings.wait(record.request_id, timeout_s)
+
+    async def _join_then_publish(self, record: RequestRecord) -> None:
+        await self.join_engine(record)
+        self.publish(record)
+
+    def publish(self, record: RequestRecord) -> None:
+        t = record.timings
+        m = self.metrics
+        api, outcome = record.api, record.outcome
+        m.requests.labels(api, outcome).inc()
+        m.duration.labels(api, outcome).observe(t.end - t.start)
+        if t.upstream_headers:
+            m.upstream_ttfb.labels(api).observe(t.upstream_headers - t.start)
+        if t.first_token:
+            m.ttft.labels(api).observe(t.first_token - t.start)
+        m.gap.observe_many(t.gaps())
+        m.chunk.observe_many(t.handling)
+        record.emit(self.log)
+
+    async def flush(self) -> None:
+        """Publish every record still waiting for its engine span (at shutdown)."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
