@@ -7,27 +7,33 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from flushgate.doctor.records import (
+    FIRST_TOKEN,
     KNOWN_FIELDS,
-    STAGES,
+    TOTAL,
     Hop,
     ReadStats,
     Record,
-    first_token_ms,
+    first_token_parts,
     has_field,
+    hop_of,
+    hop_parts,
     number,
     read_records,
-    stage_times,
-    total_ms,
 )
 from flushgate.doctor.stats import percentile
 from flushgate.doctor.verdicts import seconds
 
 WorstBy = Literal["total", "ttft", "gap"]
-_STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
-WORST_KEYS: dict[WorstBy, tuple[str, ...]] = {
-    "total": ("total_ms", "duration_ms"),
-    "ttft": ("first_token_ms", "ttft_ms", "first_event_ms", "first_chunk_ms"),
-    "gap": ("gap_max_ms",),
+WORST_KEYS: dict[WorstBy, tuple[str, ...]] = {"total": TOTAL, "ttft": FIRST_TOKEN, "gap": ("gap_max_ms",)}
+
+_MEASURES: dict[str, Callable[[Record], float | None]] = {
+    "TTFT": lambda r: number(r, *FIRST_TOKEN),
+    "total": lambda r: number(r, *TOTAL),
+    "gap p99": lambda r: number(r, "gap_p99_ms"),
+    "gap max": lambda r: number(r, "gap_max_ms"),
+    "gaps over 100 ms": lambda r: number(r, "gaps_over_100ms"),
+    "tokens": lambda r: number(r, "tokens"),
+    "decode tok/s": lambda r: number(r, "decode_tok_s", "chunk_rate_s"),
 }
 
 
@@ -40,7 +46,7 @@ class Spread:
     p99: float | None
     max: float | None
     total: float  # summed over the records
-    share: float | None = None  # of all stage time
+    share: float | None = None  # of the table's summed time
 
 
 @dataclass(slots=True)
@@ -51,8 +57,8 @@ class WorstRequest:
     ttft_ms: float | None
     total_ms: float | None
     gap_max_ms: float | None
-    dominant_stage: str | None
-    dominant_ms: float | None
+    most_time_in: str | None
+    most_time_ms: float | None
 
 
 @dataclass(slots=True)
@@ -61,10 +67,11 @@ class LogsReport:
     lines: int
     skipped_lines: int
     outcomes: dict[str, int]
-    stages: list[Spread]
-    hops: dict[Hop, float]  # share of all stage time
+    parts: list[Spread]  # where all time went
+    first_token_parts: list[Spread]  # where the time before the first token went
+    hops: dict[Hop, float]  # share of all time
     dominant_hop: Hop | None
-    dominant_stage: str | None
+    dominant_part: str | None
     dominant_before_first_token: str | None
     measures: list[Spread]
     worst: list[WorstRequest]
@@ -83,18 +90,22 @@ def spread(name: str, values: Sequence[float]) -> Spread:
     )
 
 
-_MEASURES: dict[str, Callable[[Record], float | None]] = {
-    "TTFT": first_token_ms,
-    "total": total_ms,
-    "gap p99": lambda r: number(r, "gap_p99_ms"),
-    "gap max": lambda r: number(r, "gap_max_ms"),
-    "tokens": lambda r: number(r, "tokens"),
-    "decode tok/s": lambda r: number(r, "decode_tok_s"),
-}
+def _table(per_record: Sequence[dict[str, float]]) -> list[Spread]:
+    names = list(dict.fromkeys(name for parts in per_record for name in parts))
+    spreads = [spread(name, [parts[name] for parts in per_record if name in parts]) for name in names]
+    all_time = sum(s.total for s in spreads)
+    for s in spreads:
+        s.share = s.total / all_time if all_time else None
+    return spreads
+
+
+def _largest(spreads: Sequence[Spread]) -> str | None:
+    top = max(spreads, key=lambda s: s.total, default=None)
+    return top.name if top is not None and top.total > 0 else None
 
 
 def _measures(records: Sequence[Record]) -> list[Spread]:
-    """Per-request numbers that are not stages: what the user felt, and the shape of the stream."""
+    """Per-request numbers that are not parts of the time: what the user felt, and the shape of the stream."""
     found = []
     for name, pick in _MEASURES.items():
         values = [v for v in (pick(r) for r in records) if v is not None]
@@ -103,37 +114,29 @@ def _measures(records: Sequence[Record]) -> list[Spread]:
     return found
 
 
-def _dominant(shares: dict[str, float]) -> str | None:
-    return max(shares, key=lambda name: shares[name]) if shares and max(shares.values()) > 0 else None
-
-
 def analyse(records: Sequence[Record], stats: ReadStats, worst: int = 5, worst_by: WorstBy = "total") -> LogsReport:
-    per_record = [stage_times(r) for r in records]
-    stages = [spread(s.name, [t[s.name] for t in per_record if s.name in t]) for s in STAGES]
-    stages = [s for s in stages if s.count]
-    all_time = sum(s.total for s in stages)
-    hop_time: dict[Hop, float] = {}
-    for found in stages:
-        found.share = found.total / all_time if all_time else None
-        hop = _STAGE_BY_NAME[found.name].hop
-        hop_time[hop] = hop_time.get(hop, 0.0) + found.total
-    hops: dict[Hop, float] = {hop: t / all_time for hop, t in hop_time.items()} if all_time else {}
-    early = {s.name: s.total for s in stages if _STAGE_BY_NAME[s.name].before_first_token}
+    per_record = [hop_parts(r) for r in records]
+    parts = _table(per_record)
+    hops: dict[Hop, float] = {}
+    for part in parts:
+        hop = hop_of(part.name)
+        hops[hop] = hops.get(hop, 0.0) + (part.share or 0.0)
+    first_token = _table([first_token_parts(r) for r in records])
     outcomes: dict[str, int] = {}
     for r in records:
         outcome = str(r.get("outcome", "unknown"))
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
-    dominant_hop = max(hops.items(), key=lambda kv: kv[1])[0] if hops else None
     return LogsReport(
         records=len(records),
         lines=stats.lines,
         skipped_lines=stats.lines - stats.records,
         outcomes=outcomes,
-        stages=stages,
+        parts=parts,
+        first_token_parts=first_token,
         hops=hops,
-        dominant_hop=dominant_hop,
-        dominant_stage=_dominant({s.name: s.total for s in stages}),
-        dominant_before_first_token=_dominant(early),
+        dominant_hop=max(hops.items(), key=lambda kv: kv[1])[0] if any(hops.values()) else None,
+        dominant_part=_largest(parts),
+        dominant_before_first_token=_largest(first_token),
         measures=_measures(records),
         worst=_worst(records, per_record, worst, worst_by),
         missing_fields=[name for name in KNOWN_FIELDS if records and not any(has_field(r, name) for r in records)],
@@ -151,19 +154,19 @@ def _worst(
     )
     worst = []
     for i in ranked[:count]:
-        r, times = records[i], per_record[i]
-        stage = max(times, key=lambda name: times[name]) if times else None
+        r, parts = records[i], per_record[i]
+        largest = max(parts, key=lambda name: parts[name]) if parts else None
         status = r.get("status")
         worst.append(
             WorstRequest(
                 request_id=str(r.get("request_id", "?")),
                 status=status if isinstance(status, int) else None,
                 outcome=str(r["outcome"]) if "outcome" in r else None,
-                ttft_ms=first_token_ms(r),
-                total_ms=total_ms(r),
+                ttft_ms=number(r, *FIRST_TOKEN),
+                total_ms=number(r, *TOTAL),
                 gap_max_ms=number(r, "gap_max_ms"),
-                dominant_stage=stage,
-                dominant_ms=times[stage] if stage else None,
+                most_time_in=largest,
+                most_time_ms=parts[largest] if largest else None,
             )
         )
     return worst
@@ -189,10 +192,20 @@ def _grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return [line(header), "  ".join("-" * w for w in widths), *(line(row) for row in rows)]
 
 
+def _spread_rows(spreads: Sequence[Spread], with_share: bool) -> list[list[str]]:
+    rows = []
+    for s in spreads:
+        row = [s.name, str(s.count), _ms(s.p50), _ms(s.p90), _ms(s.p99), _ms(s.max)]
+        if with_share:
+            row.append(f"{(s.share or 0) * 100:.0f}%")
+        rows.append(row)
+    return rows
+
+
 def _most_time(worst: WorstRequest) -> str:
-    if worst.dominant_stage is None or worst.dominant_ms is None:
+    if worst.most_time_in is None or worst.most_time_ms is None:
         return "-"
-    return f"{worst.dominant_stage} {seconds(worst.dominant_ms)}"
+    return f"{worst.most_time_in} {seconds(worst.most_time_ms)}"
 
 
 def render_logs(report: LogsReport) -> str:
@@ -200,44 +213,38 @@ def render_logs(report: LogsReport) -> str:
         return f"doctor logs: no request records among {report.lines} lines (flushgate writes them as JSON lines)\n"
     outcomes = ", ".join(f"{n} {name}" for name, n in sorted(report.outcomes.items(), key=lambda kv: -kv[1]))
     out = [f"doctor logs: {report.records} requests ({outcomes})", ""]
-    header = ["stage (ms)", "n", "p50", "p90", "p99", "max", "share"]
-    rows = [
-        [s.name, str(s.count), _ms(s.p50), _ms(s.p90), _ms(s.p99), _ms(s.max), f"{(s.share or 0) * 100:.0f}%"]
-        for s in report.stages
-    ]
-    out += _grid(header, rows)
+    share_header = ["n", "p50", "p90", "p99", "max", "share"]
+    if report.parts:
+        out += _grid(["where the time went (ms)", *share_header], _spread_rows(report.parts, True))
+    if report.first_token_parts:
+        rows = _spread_rows(report.first_token_parts, True)
+        out += ["", *_grid(["before the first token (ms)", *share_header], rows)]
     if report.measures:
-        out.append("")
-        rows = [[m.name, str(m.count), _ms(m.p50), _ms(m.p90), _ms(m.p99), _ms(m.max)] for m in report.measures]
-        out += _grid(["per request", "n", "p50", "p90", "p99", "max"], rows)
+        out += ["", *_grid(["per request", *share_header[:-1]], _spread_rows(report.measures, False))]
     out.append("")
     if report.dominant_hop is not None:
-        hops = ", ".join(
-            f"{hop} {share * 100:.0f}%" for hop, share in sorted(report.hops.items(), key=lambda kv: -kv[1])
-        )
-        out.append(f"dominant hop: {report.dominant_hop} ({hops} of all time)")
-        out.append(f"dominant stage: {report.dominant_stage}")
-        if report.dominant_before_first_token is not None:
-            out.append(f"dominant stage before the first token: {report.dominant_before_first_token}")
+        ranked = sorted(report.hops.items(), key=lambda kv: -kv[1])
+        hops = ", ".join(f"{hop} {share * 100:.0f}%" for hop, share in ranked)
+        out.append(f"dominant hop: {report.dominant_hop} ({hops} of all time); largest part: {report.dominant_part}")
+    if report.dominant_before_first_token is not None:
+        out.append(f"before the first token, most time went to: {report.dominant_before_first_token}")
     if report.worst:
         out += ["", f"worst {len(report.worst)} requests:"]
         rows = [
             [
-                w.request_id[:16],
+                w.request_id[:32],
                 str(w.status if w.status is not None else "-"),
                 w.outcome or "-",
                 _ms(w.ttft_ms),
                 _ms(w.total_ms),
                 _ms(w.gap_max_ms),
-                f"{w.dominant_stage} {seconds(w.dominant_ms)}"
-                if w.dominant_stage and w.dominant_ms is not None
-                else "-",
+                _most_time(w),
             ]
             for w in report.worst
         ]
         out += _grid(["request id", "status", "outcome", "TTFT ms", "total ms", "gap max ms", "most time in"], rows)
     if report.missing_fields:
-        out += ["", "not in these records (stages that need them are left out): " + ", ".join(report.missing_fields)]
+        out += ["", "not in these records (what needs them is left out): " + ", ".join(report.missing_fields)]
     if report.skipped_lines:
         out += ["", f"{report.skipped_lines} other lines skipped"]
     return "\n".join(out) + "\n"

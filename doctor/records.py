@@ -1,7 +1,8 @@
-"""flushgate's per-request log records, read back and cut into the stages of a request's life.
+"""flushgate's per-request log records, read back and cut into where each request's time went.
 
-Records from older and newer gateways carry different fields, so every stage says which fields it needs and is
-left out where they are missing; nothing is filled in by guess.
+A record's ``split`` says where its total went, hop by hop, in parts that add up to ``total_ms``; that is used
+as written. Records from gateways older than the split are cut by their timestamps instead. Every part says
+which fields it needs and is left out where they are missing: nothing is filled in by guess.
 """
 
 from __future__ import annotations
@@ -20,19 +21,6 @@ Hop = Literal["client", "gateway", "engine"]
 class ReadStats:
     lines: int = 0
     records: int = 0
-    not_json: int = 0
-
-
-def _flatten(raw: dict[str, Any]) -> Record:
-    """Nested groups (``{"timings": {...}}``) are read as if their fields were top-level ones."""
-    flat: Record = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            for inner, inner_value in value.items():
-                flat.setdefault(inner, inner_value)
-        else:
-            flat[key] = value
-    return flat
 
 
 def read_records(lines: Iterable[bytes | str], stats: ReadStats | None = None) -> Iterator[Record]:
@@ -45,37 +33,29 @@ def read_records(lines: Iterable[bytes | str], stats: ReadStats | None = None) -
         try:
             raw = orjson.loads(line)
         except orjson.JSONDecodeError:
-            stats.not_json += 1
             continue
         if isinstance(raw, dict) and raw.get("event") == "request":
             stats.records += 1
-            yield _flatten(raw)
+            yield raw
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def number(record: Record, *names: str) -> float | None:
-    """The first of ``names`` that holds a number."""
+    """The first of ``names`` that holds a number, at the top level or in the record's ``split``."""
+    split = record.get("split")
     for name in names:
-        value = record.get(name)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+        for source in (record, split if isinstance(split, dict) else {}):
+            if _is_number(source.get(name)):
+                return float(source[name])
     return None
 
 
-def total_ms(r: Record) -> float | None:
-    return number(r, "total_ms", "duration_ms")
-
-
-def ttfb_ms(r: Record) -> float | None:
-    return number(r, "upstream_ttfb_ms")
-
-
-def first_token_ms(r: Record) -> float | None:
-    """Older records know only the first chunk, which may be an event without text: close, not the same."""
-    return number(r, "first_token_ms", "ttft_ms", "first_event_ms", "first_chunk_ms")
-
-
-def last_token_ms(r: Record) -> float | None:
-    return number(r, "last_token_ms", "last_event_ms", "last_chunk_ms")
+FIRST_TOKEN = ("first_token_ms", "first_event_ms", "first_chunk_ms")  # older records: the first chunk
+LAST_TOKEN = ("last_token_ms", "last_chunk_ms")
+TOTAL = ("total_ms", "duration_ms")
 
 
 def _minus(value: float | None, *parts: float | None) -> float | None:
@@ -84,94 +64,103 @@ def _minus(value: float | None, *parts: float | None) -> float | None:
     return max(0.0, value - sum(p for p in parts if p is not None))
 
 
-def _engine_headers(r: Record) -> float | None:
-    return _minus(ttfb_ms(r), number(r, "body_read_ms"), number(r, "upstream_connect_ms"))
+def _between(r: Record, later: tuple[str, ...], earlier: tuple[str, ...]) -> float | None:
+    end, start = number(r, *later), number(r, *earlier)
+    return None if end is None or start is None else max(0.0, end - start)
 
 
-def _to_first_token(r: Record) -> float | None:
-    first, ttfb = first_token_ms(r), ttfb_ms(r)
-    if first is None or ttfb is None:
-        return None
-    return _minus(first - ttfb, number(r, "engine_queue_ms"), number(r, "engine_prefill_ms"))
-
-
-def _streaming(r: Record) -> float | None:
-    first, last = first_token_ms(r), last_token_ms(r)
-    if first is None or last is None:
-        return None
-    decode = number(r, "engine_decode_ms")
-    return decode if decode is not None else _minus(last - first, number(r, "write_blocked_ms"))
-
-
-def _relay_while_streaming(r: Record) -> float | None:
-    first, last, decode = first_token_ms(r), last_token_ms(r), number(r, "engine_decode_ms")
-    if first is None or last is None or decode is None:
-        return None
-    return _minus(last - first, decode, number(r, "write_blocked_ms"))
-
-
-def _after_last_token(r: Record) -> float | None:
-    total, last = total_ms(r), last_token_ms(r)
-    return _minus(total, last) if last is not None else None
-
-
-def _field(name: str) -> Callable[[Record], float | None]:
-    return lambda r: number(r, name)
+def _field(*names: str) -> Callable[[Record], float | None]:
+    return lambda r: number(r, *names)
 
 
 @dataclass(frozen=True, slots=True)
-class Stage:
+class Part:
     name: str
     hop: Hop
-    before_first_token: bool
     value: Callable[[Record], float | None] = field(compare=False)
 
 
-# In time order; together they cover a request from its first byte to its last.
-STAGES: tuple[Stage, ...] = (
-    Stage("client upload", "client", True, _field("body_read_ms")),
-    Stage("connect to engine", "gateway", True, _field("upstream_connect_ms")),
-    Stage("engine response headers", "engine", True, _engine_headers),
-    Stage("engine queue", "engine", True, _field("engine_queue_ms")),
-    Stage("engine prefill", "engine", True, _field("engine_prefill_ms")),
-    Stage("to first token", "engine", True, _to_first_token),
-    Stage("engine decode", "engine", False, _streaming),
-    Stage("relay while streaming", "gateway", False, _relay_while_streaming),
-    Stage("client reading (writes blocked)", "client", False, _field("write_blocked_ms")),
-    Stage("after last token", "gateway", False, _after_last_token),
+# The record's own split: parts that add up to total_ms.
+SPLIT_PARTS: tuple[Part, ...] = (
+    Part("client link", "client", _field("client_link_ms")),
+    Part("gateway", "gateway", _field("gateway_ms")),
+    Part("engine queue", "engine", _field("engine_queue_ms")),
+    Part("engine prefill", "engine", _field("engine_prefill_ms")),
+    Part("engine decode", "engine", _field("engine_decode_ms")),
+    Part("engine front end", "engine", _field("engine_frontend_ms")),
+    Part("engine", "engine", _field("engine_ms")),
 )
 
-KNOWN_FIELDS = (
-    "body_read_ms",
-    "upstream_connect_ms",
-    "upstream_ttfb_ms",
-    "first_token_ms",
-    "last_token_ms",
-    "total_ms",
-    "gap_p99_ms",
-    "gap_max_ms",
-    "write_blocked_ms",
-    "tokens",
-    "engine_queue_ms",
-    "engine_prefill_ms",
-    "engine_decode_ms",
+# Records without a split: what their timestamps allow, in time order.
+TIMESTAMP_PARTS: tuple[Part, ...] = (
+    Part("engine response headers", "engine", _field("upstream_ttfb_ms")),
+    Part("engine to first token", "engine", lambda r: _between(r, FIRST_TOKEN, ("upstream_ttfb_ms",))),
+    Part("engine streaming", "engine", lambda r: _between(r, LAST_TOKEN, FIRST_TOKEN)),
+    Part("after last token", "gateway", lambda r: _between(r, TOTAL, LAST_TOKEN)),
 )
-_ALIASES = {
-    "first_token_ms": ("first_token_ms", "ttft_ms", "first_event_ms", "first_chunk_ms"),
-    "last_token_ms": ("last_token_ms", "last_event_ms", "last_chunk_ms"),
-    "total_ms": ("total_ms", "duration_ms"),
+
+
+def _headers_after_body_and_connect(r: Record) -> float | None:
+    return _minus(number(r, "upstream_ttfb_ms"), number(r, "body_read_ms"), number(r, "upstream_connect_ms"))
+
+
+def _rest_to_first_token(r: Record) -> float | None:
+    after_headers = _between(r, FIRST_TOKEN, ("upstream_ttfb_ms",))
+    return _minus(after_headers, number(r, "engine_queue_ms"), number(r, "engine_prefill_ms"))
+
+
+# Time to first token, in time order (vLLM sends its response headers before it queues the request).
+FIRST_TOKEN_PARTS: tuple[Part, ...] = (
+    Part("client upload", "client", _field("body_read_ms")),
+    Part("connect to engine", "gateway", _field("upstream_connect_ms")),
+    Part("engine response headers", "engine", _headers_after_body_and_connect),
+    Part("engine queue", "engine", _field("engine_queue_ms")),
+    Part("engine prefill", "engine", _field("engine_prefill_ms")),
+    Part("rest until first token", "engine", _rest_to_first_token),
+)
+
+KNOWN_FIELDS: dict[str, tuple[str, ...]] = {
+    "split": (),
+    "body_read_ms": ("body_read_ms",),
+    "upstream_ttfb_ms": ("upstream_ttfb_ms",),
+    "first_token_ms": FIRST_TOKEN,
+    "last_token_ms": LAST_TOKEN,
+    "total_ms": TOTAL,
+    "gap_p99_ms": ("gap_p99_ms",),
+    "gap_max_ms": ("gap_max_ms",),
+    "write_blocked_ms": ("write_blocked_ms",),
+    "tokens": ("tokens",),
+    "engine_queue_ms": ("engine_queue_ms",),
+    "engine_prefill_ms": ("engine_prefill_ms",),
 }
 
 
 def has_field(record: Record, name: str) -> bool:
-    return number(record, *_ALIASES.get(name, (name,))) is not None
+    if name == "split":
+        return isinstance(record.get("split"), dict)
+    return number(record, *KNOWN_FIELDS[name]) is not None
 
 
-def stage_times(record: Record) -> dict[str, float]:
-    """Each stage this record has the fields for, in ms."""
-    times: dict[str, float] = {}
-    for stage in STAGES:
-        value = stage.value(record)
+def _values(parts: tuple[Part, ...], record: Record) -> dict[str, float]:
+    found = {}
+    for part in parts:
+        value = part.value(record)
         if value is not None:
-            times[stage.name] = value
-    return times
+            found[part.name] = value
+    return found
+
+
+def hop_parts(record: Record) -> dict[str, float]:
+    """Where this request's time went, in ms: its own split, or what its timestamps allow."""
+    return _values(SPLIT_PARTS if isinstance(record.get("split"), dict) else TIMESTAMP_PARTS, record)
+
+
+def first_token_parts(record: Record) -> dict[str, float]:
+    """Where the time before this request's first token went, in ms (streamed requests only)."""
+    if number(record, *FIRST_TOKEN) is None:
+        return {}
+    return _values(FIRST_TOKEN_PARTS, record)
+
+
+def hop_of(name: str) -> Hop:
+    return next(p.hop for p in (*SPLIT_PARTS, *TIMESTAMP_PARTS, *FIRST_TOKEN_PARTS) if p.name == name)

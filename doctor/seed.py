@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from flushgate.doctor.logs_report import analyse_lines, render_logs
 from flushgate.doctor.nginx import BufferingNginx, nginx_binary
 from flushgate.doctor.probe import Path, ProbeReport, ProbeSettings, probe
 from flushgate.doctor.render import render
@@ -34,11 +35,24 @@ class ManagedGateway:
 
     def __init__(self, model_dir: str) -> None:
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "flushgate", "serve", "--model", model_dir, "--preset", "cpu", "--port", "0"]
-            + ["--log-format", "json"],
+            [
+                sys.executable,
+                "-m",
+                "flushgate",
+                "serve",
+                "--model",
+                model_dir,
+                "--preset",
+                "cpu",
+                "--port",
+                "0",
+                "--log-format",
+                "json",
+            ],
             stdout=subprocess.PIPE,
         )
         self._events: dict[str, dict[str, Any]] = {}
+        self.request_lines: list[bytes] = []  # its per-request records, for ``doctor logs``
         self._changed = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -50,6 +64,8 @@ class ManagedGateway:
             except orjson.JSONDecodeError:
                 continue
             if isinstance(event, dict) and isinstance(event.get("event"), str):
+                if event["event"] == "request":
+                    self.request_lines.append(raw)
                 with self._changed:
                     self._events.setdefault(event["event"], event)
                     self._changed.notify_all()
@@ -61,11 +77,12 @@ class ManagedGateway:
         with self._changed:
             if not self._changed.wait_for(lambda: name in self._events or "stdout_closed" in self._events, timeout_s):
                 raise RuntimeError(f"flushgate logged no {name!r} within {timeout_s:g} s")
-            if name not in self._events:
+            if name not in self._events and name != "stdout_closed":
                 raise RuntimeError(f"flushgate exited before {name!r}; see .cache/flushgate/engine.log")
-            return self._events[name]
+            return self._events.get(name, {})
 
     def stop(self) -> None:
+        """SIGTERM: the gateway drains, writes the records still waiting for the engine's timing, and exits."""
         if self._process.poll() is None:
             self._process.terminate()
             try:
@@ -73,6 +90,7 @@ class ManagedGateway:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
+        self.wait("stdout_closed", timeout_s=30)
 
 
 def _cpu_model() -> str:
@@ -120,7 +138,9 @@ def machine_lines() -> list[str]:
     ]
 
 
-def write_outputs(report: ProbeReport, text: str, out: FilePath, header: Sequence[str]) -> list[FilePath]:
+def write_outputs(
+    report: ProbeReport, text: str, logs_text: str, out: FilePath, header: Sequence[str]
+) -> list[FilePath]:
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "doctor-seed-table.md", out / "doctor-seed-table.json"]
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -135,6 +155,13 @@ def write_outputs(report: ProbeReport, text: str, out: FilePath, header: Sequenc
         "",
         "```",
         text.rstrip("\n"),
+        "```",
+        "",
+        "flushgate's own records of the requests it carried in this run (the `flushgate` and",
+        "`ui-proxy>flushgate` paths, warm-up included), read back by `flushgate doctor logs`:",
+        "",
+        "```",
+        logs_text.rstrip("\n"),
         "```",
         "",
     ]
@@ -188,7 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         gateway.stop()
     text = render(report)
     print(text, flush=True)
-    written = write_outputs(report, text, args.out, header)
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "seed-records.jsonl").write_bytes(b"".join(gateway.request_lines))
+    logs_text = render_logs(analyse_lines(gateway.request_lines))
+    print(logs_text, flush=True)
+    written = write_outputs(report, text, logs_text, args.out, header)
     print("seed-table: wrote " + ", ".join(str(path) for path in written))
     return 0
 
