@@ -62,6 +62,8 @@ def table(report: ProbeReport) -> str:
 def engine_line(report: ProbeReport) -> str:
     engine = report.engine
     reference = report.paths[0].name
+    if engine.tok_s is None and engine.ttft_ms is None:
+        return f"engine cadence: unknown, {reference} streamed no tokens; the other paths are judged on their own"
     rate = f", {engine.tok_s:.1f} tok/s" if engine.tok_s is not None else ""
     first = f", first token after {seconds(engine.ttft_ms)}" if engine.ttft_ms is not None else ""
     return f"engine cadence, measured on {reference}: {engine.gap_ms:.1f} ms between tokens{rate}{first}"

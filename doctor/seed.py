@@ -166,7 +166,7 @@ def write_outputs(
         "",
     ]
     written[0].write_text("\n".join(markdown))
-    written[1].write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    written[1].write_bytes(orjson.dumps(report) + b"\n")
     try:
         from flushgate.doctor.chart import ChartUnavailable, write_chart
 

@@ -26,6 +26,7 @@ Kind = Literal[
     "cut",
     "error_event",
     "not_a_stream",
+    "no_tokens",
     "compression",
     "buffering",
     "batching",
@@ -41,6 +42,7 @@ LABELS: dict[Kind, str] = {
     "cut": "cut",
     "error_event": "error event",
     "not_a_stream": "not a stream",
+    "no_tokens": "no tokens",
     "compression": "compressed",
     "buffering": "buffering",
     "batching": "batching",
@@ -48,7 +50,17 @@ LABELS: dict[Kind, str] = {
     "late_start": "late start",
 }
 _ANY_RUN: frozenset[Kind] = frozenset(
-    {"failed", "http_error", "probe_timeout", "idle_cut", "cut", "error_event", "not_a_stream", "compression"}
+    {
+        "failed",
+        "http_error",
+        "probe_timeout",
+        "idle_cut",
+        "cut",
+        "error_event",
+        "not_a_stream",
+        "no_tokens",
+        "compression",
+    }
 )
 
 HELD_SHARE_MIN = 0.3  # of a request's tokens, beyond what the reference itself shows
@@ -187,6 +199,10 @@ def run_findings(capture: Capture, engine: EngineCadence) -> list[Finding]:
     if broken is not None:
         found.append(broken)
     if capture.ending == "probe_timeout" or not capture.decodable:
+        return found
+    if not capture.tokens:
+        if capture.ending == "complete":
+            found.append(Finding("no_tokens", f"the stream ended normally with no text in {capture.events} events"))
         return found
     holding = _holding(capture, engine)
     if holding is not None:

@@ -241,3 +241,14 @@ async def test_ollama_streams_are_judged_the_same_way() -> None:
     assert path(report, "engine").verdict == "clean"
     assert path(report, "engine").measures.tokens == TOKENS
     assert path(report, "holding").verdict == "buffering"
+
+
+async def test_a_stream_without_text_is_named_and_leaves_the_cadence_unknown() -> None:
+    silent = CadenceEngine(tokens=0)
+    await silent.start()
+    try:
+        report = await probe([chat_path("silent", silent.url)], ProbeSettings(requests=1, warmup=0))
+    finally:
+        await silent.stop()
+    assert path(report, "silent").verdict == "no tokens"
+    assert "engine cadence: unknown, silent streamed no tokens" in render(report)
