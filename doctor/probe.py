@@ -134,7 +134,8 @@ def judge(paths: Sequence[Path], runs: Sequence[Sequence[Capture]], settings: Pr
     engine = engine_cadence(runs[0])
     results = []
     for index, (path, captures) in enumerate(zip(paths, runs, strict=True)):
-        findings = path_findings([run_findings(capture, engine) for capture in captures])
+        beside = list(runs[0]) + [None] * max(0, len(captures) - len(runs[0]))
+        findings = path_findings([run_findings(c, engine, ref) for c, ref in zip(captures, beside, strict=False)])
         verdict = ", ".join(f.label for f in findings) or "clean"
         results.append(
             PathResult(path.name, path.url, index == 0, verdict, findings, summarise(captures), list(captures))

@@ -49,6 +49,7 @@ LABELS: dict[Kind, str] = {
     "slow": "slow",
     "late_start": "late start",
 }
+_EVERY_RUN: frozenset[Kind] = frozenset({"slow"})  # a hop that cannot keep up does so every time; load comes and goes
 _ANY_RUN: frozenset[Kind] = frozenset(
     {
         "failed",
@@ -177,21 +178,27 @@ def _buffering_text(held: Sequence[Burst], bursts: Sequence[Burst], tokens: int,
     return text
 
 
-def _pace(capture: Capture, engine: EngineCadence) -> list[Finding]:
+def _pace(capture: Capture, engine: EngineCadence, beside: Capture | None) -> list[Finding]:
+    """Rate and first token against the reference request of the same round (the engine's load at that moment),
+    or against the engine's medians when that request has no tokens."""
     found: list[Finding] = []
     run = measure(capture)
-    if run.tok_s is not None and engine.tok_s is not None and run.tok_s < SLOW_RATIO * engine.tok_s:
-        text = f"slow: {run.tok_s:.1f} tok/s against the engine's {engine.tok_s:.1f} tok/s"
-        found.append(Finding("slow", text, score=engine.tok_s - run.tok_s))
+    paired = measure(beside) if beside is not None and beside.tokens else None
+    engine_tok_s = paired.tok_s if paired is not None and paired.tok_s is not None else engine.tok_s
+    engine_ttft = paired.ttft_ms if paired is not None and paired.ttft_ms is not None else engine.ttft_ms
+    if run.tok_s is not None and engine_tok_s is not None and run.tok_s < SLOW_RATIO * engine_tok_s:
+        text = f"slow: {run.tok_s:.1f} tok/s against the engine's {engine_tok_s:.1f} tok/s"
+        found.append(Finding("slow", text, score=engine_tok_s - run.tok_s))
     late_by = max(LATE_START_MIN_MS, LATE_START_STEPS * engine.gap_ms)
-    if run.ttft_ms is not None and engine.ttft_ms is not None and run.ttft_ms >= engine.ttft_ms + late_by:
-        text = f"first token after {seconds(run.ttft_ms)} against {seconds(engine.ttft_ms)} from the engine"
+    if run.ttft_ms is not None and engine_ttft is not None and run.ttft_ms >= engine_ttft + late_by:
+        text = f"first token after {seconds(run.ttft_ms)} against {seconds(engine_ttft)} from the engine"
         found.append(Finding("late_start", text, score=run.ttft_ms))
     return found
 
 
-def run_findings(capture: Capture, engine: EngineCadence) -> list[Finding]:
-    """Everything wrong with one request; an empty list means it was clean."""
+def run_findings(capture: Capture, engine: EngineCadence, beside: Capture | None = None) -> list[Finding]:
+    """Everything wrong with one request; an empty list means it was clean. ``beside``: the reference path's
+    request of the same round."""
     broken = _broken_stream(capture, engine)
     if capture.ending in ("failed", "http_error"):
         return [broken] if broken else []
@@ -208,12 +215,13 @@ def run_findings(capture: Capture, engine: EngineCadence) -> list[Finding]:
     if holding is not None:
         found.append(holding)
     else:
-        found.extend(_pace(capture, engine))  # a hop that holds tokens back is late and uneven by definition
+        found.extend(_pace(capture, engine, beside))  # a hop that holds tokens back is late and uneven by definition
     return found
 
 
 def path_findings(per_run: Sequence[Sequence[Finding]]) -> list[Finding]:
-    """One finding per kind: broken streams from any request, timing verdicts only from most of them."""
+    """One finding per kind: broken streams from any request, timing verdicts only from most of them (slowness
+    from all)."""
     runs = len(per_run)
     by_kind: dict[Kind, list[Finding]] = {}
     for findings in per_run:
@@ -224,7 +232,7 @@ def path_findings(per_run: Sequence[Sequence[Finding]]) -> list[Finding]:
     result: list[Finding] = []
     for kind in LABELS:
         seen = counts.get(kind, 0)
-        if not seen or (kind not in _ANY_RUN and seen <= runs // 2):
+        if not seen or (kind not in _ANY_RUN and seen <= runs // 2) or (kind in _EVERY_RUN and seen < runs):
             continue
         evidence = max(by_kind[kind], key=lambda f: f.score)
         text = evidence.text if seen == runs else f"{evidence.text} ({seen} of {runs} requests)"
