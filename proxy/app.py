@@ -5,8 +5,10 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from flushgate.proxy.chat_page import add_page_assets, chat_root
 from flushgate.proxy.errors import error_response
 from flushgate.proxy.health import healthz, readyz
+from flushgate.proxy.ollama.api import add_ollama_routes
 from flushgate.proxy.passthrough import forward
 from flushgate.proxy.state import GATEWAY, Gateway
 
@@ -37,5 +39,8 @@ def build_app(gateway: Gateway) -> web.Application:
     router.add_get("/metrics", metrics)
     for path in PASSTHROUGH_PATHS:
         router.add_route("*", path, forward)
+    add_page_assets(router)
+    # GET /: the chat page for browsers, Ollama's "Ollama is running" for every other client
+    add_ollama_routes(router, gateway, root=chat_root)
     router.add_route("*", "/{tail:.*}", not_found)
     return app
