@@ -23,6 +23,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
 def add_doctor_parser(commands: Any) -> None:
     """Adds ``doctor`` and its two verbs to flushgate's subcommands."""
     doctor = commands.add_parser(
@@ -51,7 +58,7 @@ def add_doctor_parser(commands: Any) -> None:
     probe_parser.add_argument("--max-tokens", type=_positive_int, default=128, help="tokens per answer at most")
     probe_parser.add_argument("--requests", type=_positive_int, default=3, help="measured requests per path")
     probe_parser.add_argument("--warmup", type=int, default=1, help="unmeasured short requests per path first")
-    probe_parser.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per request, seconds")
+    probe_parser.add_argument("--timeout", type=_positive_float, default=120.0, metavar="S", help="seconds per request")
     probe_parser.add_argument("--json", action="store_true", help="print the report, arrivals included, as JSON")
     probe_parser.add_argument("--chart", type=FilePath, metavar="FILE", help="also draw a .png or .svg chart")
 

@@ -131,11 +131,13 @@ def summarise(runs: Sequence[Capture]) -> RunMeasures:
 
 def judge(paths: Sequence[Path], runs: Sequence[Sequence[Capture]], settings: ProbeSettings, model: str) -> ProbeReport:
     """Verdicts for captures already taken; the first path is the reference."""
-    engine = engine_cadence(runs[0])
+    reference = runs[0]
+    engine = engine_cadence(reference)
     results = []
     for index, (path, captures) in enumerate(zip(paths, runs, strict=True)):
-        beside = list(runs[0]) + [None] * max(0, len(captures) - len(runs[0]))
-        findings = path_findings([run_findings(c, engine, ref) for c, ref in zip(captures, beside, strict=False)])
+        findings = path_findings(
+            [run_findings(c, engine, reference[i] if i < len(reference) else None) for i, c in enumerate(captures)]
+        )
         verdict = ", ".join(f.label for f in findings) or "clean"
         results.append(
             PathResult(path.name, path.url, index == 0, verdict, findings, summarise(captures), list(captures))
