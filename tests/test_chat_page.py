@@ -35,6 +35,8 @@ def engine(chat: Chat, bodies: list[dict[str, Any]] | None = None) -> Chat:
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.path == "/v1/models":
             return web.json_response(MODELS)
+        if request.path != "/v1/chat/completions":  # e.g. /tokenize, which this engine does not serve
+            return web.json_response({"error": {"message": "not found"}}, status=404)
         if bodies is not None:
             bodies.append(orjson.loads(await request.read()))
         return await chat(request)
