@@ -51,13 +51,7 @@ class CorsPolicy:
                     "(an operator can allow an origin with --cors-origin)",
                     code="cors_origin_not_allowed",
                 )
-            headers = {
-                hdrs.ACCESS_CONTROL_ALLOW_METHODS: ALLOWED_METHODS,
-                hdrs.ACCESS_CONTROL_MAX_AGE: str(PREFLIGHT_MAX_AGE_S),
-            }
-            if asked := request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS):
-                headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = asked
-            return web.Response(status=204, headers=headers)
+            return web.Response(status=204)  # its Access-Control-* headers are set as it is sent
 
         return preflight
 
@@ -70,10 +64,17 @@ class CorsPolicy:
         if not self.any_origin:
             response.headers.add(hdrs.VARY, hdrs.ORIGIN)
         allowed = self.allowed_origin(request)
-        if allowed is not None:
-            response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = allowed
-            if request.method != hdrs.METH_OPTIONS:
-                response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = EXPOSED_HEADERS
+        if allowed is None:
+            return
+        headers = response.headers
+        headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = allowed
+        if not is_preflight(request):
+            headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = EXPOSED_HEADERS
+            return
+        headers[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = ALLOWED_METHODS
+        headers[hdrs.ACCESS_CONTROL_MAX_AGE] = str(PREFLIGHT_MAX_AGE_S)
+        if asked := request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS):
+            headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = asked
 
 
 def is_preflight(request: web.BaseRequest) -> bool:
