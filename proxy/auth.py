@@ -67,6 +67,15 @@ def require_api_key(keys: ApiKeys, *, protect_metrics: bool) -> Middleware:
             return refuse(request, 401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         headers = CIMultiDict(request.headers)
         del headers[hdrs.AUTHORIZATION]
-        return await handler(request.clone(headers=headers))
+        try:
+            without_key = request.clone(headers=headers)
+        except UnicodeEncodeError:  # aiohttp re-encodes a cloned request's headers as strict UTF-8
+            return refuse(
+                request,
+                400,
+                "a request header holds bytes that are not UTF-8; this gateway takes header values as UTF-8 text",
+                code="invalid_header",
+            )
+        return await handler(without_key)
 
     return api_key

@@ -9,6 +9,7 @@ from flushgate.config import Access, Limits
 from flushgate.proxy.auth import ApiKeys, require_api_key
 from flushgate.proxy.cors import CorsPolicy
 from flushgate.proxy.engine_routes import RoutePolicy, forward_only_allowed_routes
+from flushgate.proxy.expect import use_own_expect_handler
 from flushgate.proxy.limits import Admission, limit_body_size
 
 
@@ -27,3 +28,4 @@ def install_guards(app: web.Application, access: Access, limits: Limits, passthr
         app.middlewares.append(limit_body_size(limits.max_body_bytes))
     if limits.max_concurrent:
         app.middlewares.append(Admission(limits.max_concurrent).middleware())
+    app.on_startup.append(use_own_expect_handler)

@@ -32,8 +32,8 @@ class _Replay:
         return io.BytesIO(self._data)
 
 
-def parse_response(data: bytes) -> RawResponse:
-    response = http.client.HTTPResponse(_Replay(data))  # type: ignore[arg-type]
+def parse_response(data: bytes, method: str = "GET") -> RawResponse:
+    response = http.client.HTTPResponse(_Replay(data), method=method)  # type: ignore[arg-type]
     response.begin()
     body = response.read()
     headers = {name.lower(): value for name, value in response.getheaders()}
@@ -57,4 +57,4 @@ async def exchange(port: int, raw: bytes, guard_s: float = GUARD_S) -> RawRespon
         data = await asyncio.wait_for(reader.read(), guard_s)
     finally:
         writer.close()
-    return parse_response(data)
+    return parse_response(data, raw.split(b" ", 1)[0].decode("ascii", "replace"))

@@ -451,3 +451,16 @@ def test_limits_and_origins_are_validated_at_start() -> None:
     for access in (Access(cors_origins=("chat.example.com",)), Access(allow_routes=("v1/x",))):
         with pytest.raises(ConfigError):
             Config(upstream="http://x:1", access=access).validate()
+
+
+async def test_an_expect_header_other_than_100_continue_gets_417_in_the_apis_shape(
+    fake: FakeUpstream, gateway: Server, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    not_utf8 = await exchange(
+        gateway.port, request_bytes("POST", "/v1/chat/completions", [("Expect", "\udcff")], b"{}")
+    )
+    assert not_utf8.status == 417
+    assert openai_error(not_utf8.json())["code"] == "expectation_failed"
+    async with http.post(gateway_url + "/v1/chat/completions", data=b"{}", expect100=True) as resp:
+        assert resp.status == 200
+    assert len(fake.seen) == 1
