@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from flushgate.config import Access, Limits
 from flushgate.proxy.errors import error_response
 from flushgate.proxy.health import healthz, readyz
+from flushgate.proxy.ollama.api import add_ollama_routes
 from flushgate.proxy.passthrough import forward
 from flushgate.proxy.security import install_guards
 from flushgate.proxy.state import GATEWAY, Gateway
@@ -40,5 +41,6 @@ def build_app(gateway: Gateway, access: Access | None = None, limits: Limits | N
     router.add_get("/metrics", metrics)
     for path in PASSTHROUGH_PATHS:
         router.add_route("*", path, forward)
+    add_ollama_routes(router, gateway)
     router.add_route("*", "/{tail:.*}", not_found)
     return app

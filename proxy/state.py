@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from flushgate.config import Timeouts
+from flushgate.proxy.ollama.settings import OllamaSettings
 from flushgate.proxy.upstream import Backend, Unavailable
 from flushgate.recorder import Recorder
 
@@ -27,6 +28,7 @@ class Gateway:
     draining: bool = False
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    ollama: OllamaSettings = field(default_factory=OllamaSettings)
 
     def __post_init__(self) -> None:
         self._idle.set()

@@ -88,3 +88,122 @@ async def start_stream(request: web.Request, content_type: str = "text/event-str
     response = web.StreamResponse(headers={"Content-Type": content_type})
     await response.prepare(request)
     return response
+
+
+def chat_event(
+    content: str | None = None,
+    *,
+    reasoning: str | None = None,
+    tool_calls: list[dict[str, object]] | None = None,
+    finish_reason: str | None = None,
+    model: str = "fake-model",
+) -> bytes:
+    """One vLLM chat-completion chunk as an SSE event, with only the delta fields given."""
+    delta: dict[str, object] = {}
+    if content is not None:
+        delta["content"] = content
+    if reasoning is not None:
+        delta["reasoning"] = reasoning
+    if tool_calls is not None:
+        delta["tool_calls"] = tool_calls
+    event = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+def completion_event(text: str, finish_reason: str | None = None, model: str = "fake-model") -> bytes:
+    """One vLLM text-completion chunk as an SSE event."""
+    event = {
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason}],
+    }
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+def usage_event(prompt_tokens: int, completion_tokens: int, model: str = "fake-model") -> bytes:
+    """The last chunk vLLM sends with ``stream_options.include_usage``: no choices, the token counts."""
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    event = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage}
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+@dataclass
+class FakeModel:
+    id: str = "fake-model"
+    max_model_len: int = 4096
+    root: str | None = None
+    thinking: bool = False  # its chat template renders enable_thinking on and off differently
+    tools: bool = False  # its chat template renders tools
+
+
+@dataclass
+class GenerationRequest:
+    path: str
+    body: dict[str, object]
+
+
+@dataclass
+class ScriptedEngine:
+    """The OpenAI surface of vLLM that the Ollama translation uses, each part scriptable by a test.
+
+    ``/v1/models`` lists ``models``; ``/tokenize`` renders differently per model capability (how the gateway
+    learns about thinking and tools); generation requests are recorded in ``generations`` and answered by
+    ``generation`` (by default a short streamed "Hello" with usage).
+    """
+
+    models: list[FakeModel] = field(default_factory=lambda: [FakeModel()])
+    generation: Handler | None = None
+    embeddings: Handler | None = None
+    generations: list[GenerationRequest] = field(default_factory=list)
+    model_list_requests: int = 0
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/v1/models":
+            self.model_list_requests += 1
+            data = [
+                {"id": m.id, "object": "model", "root": m.root, "max_model_len": m.max_model_len, "created": 0}
+                for m in self.models
+            ]
+            return web.json_response({"object": "list", "data": data})
+        body = await request.json()
+        if request.path == "/tokenize":
+            return web.json_response({"tokens": self._rendered(body)})
+        if request.path in ("/v1/chat/completions", "/v1/completions"):
+            self.generations.append(GenerationRequest(request.path, body))
+            return await (self.generation or stream_hello)(request)
+        if request.path == "/v1/embeddings" and self.embeddings is not None:
+            return await self.embeddings(request)
+        return web.json_response({"detail": "Not Found"}, status=404)  # FastAPI's answer for a route it lacks
+
+    def _rendered(self, body: dict[str, object]) -> list[int]:
+        model = next(m for m in self.models if m.id == body["model"])
+        tokens = [1, 2, 3]
+        kwargs = body.get("chat_template_kwargs")
+        if model.thinking and isinstance(kwargs, dict) and kwargs.get("enable_thinking") is False:
+            tokens += [4, 5]
+        if model.tools and body.get("tools"):
+            tokens += [6]
+        return tokens
+
+
+async def stream_hello(request: web.Request) -> web.StreamResponse:
+    response = await start_stream(request)
+    for event in (chat_event("Hel"), chat_event("lo"), chat_event(finish_reason="stop"), usage_event(5, 2)):
+        await response.write(event)
+    await response.write(DONE_EVENT)
+    return response

@@ -1,0 +1,241 @@
+"""The Ollama hot path: send the translated request, turn each engine event into one NDJSON line at once.
+
+Per read from the engine: split out the complete SSE events, and for each one parse it, build its line and
+write it (``write`` hands the bytes to the transport at once). Nothing is held back, except the fragments of a
+tool call until it is whole. A stream that breaks ends with an ``{"error": ...}`` line, never silently.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter_ns
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from yarl import URL
+
+from flushgate.proxy.headers import REQUEST_ID
+from flushgate.proxy.ollama.errors import OllamaError, engine_error_message, error_line, ollama_error_response
+from flushgate.proxy.ollama.events import EngineEvents, EngineStreamError
+from flushgate.proxy.ollama.lines import AnswerClock, final_object, text_line, tool_calls_line
+from flushgate.proxy.ollama.request import EngineCall
+from flushgate.proxy.ollama.sse import SseEvents
+from flushgate.proxy.state import Gateway
+from flushgate.record import RequestRecord
+from flushgate.timings import now
+
+NDJSON_HEADERS = {
+    "Content-Type": "application/x-ndjson",
+    # Keep later hops (nginx, CDNs) from buffering the stream.
+    "X-Accel-Buffering": "no",
+    "Cache-Control": "no-cache",
+}
+_ENGINE_ERROR_BODY_LIMIT = 1 << 16
+
+
+def upstream_headers(request: web.Request, request_id: str) -> dict[str, str]:
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream",
+        "Accept-Encoding": "identity",
+        REQUEST_ID: request_id,
+    }
+    auth = request.headers.get("Authorization")
+    if auth:
+        headers["Authorization"] = auth
+    return headers
+
+
+async def open_engine_stream(
+    request: web.Request, gateway: Gateway, call: EngineCall, record: RequestRecord
+) -> aiohttp.ClientResponse:
+    """The engine's streaming response, or an OllamaError saying why there is none."""
+    refusal = gateway.refusal()
+    if refusal is not None:
+        record.outcome = "rejected"
+        raise OllamaError(503, refusal.message, {"Retry-After": str(refusal.retry_after_s)})
+    base = gateway.backend.base_url
+    record.timings.upstream_call = now()
+    try:
+        upstream = await gateway.session.post(
+            URL(base + call.path, encoded=True),
+            data=orjson.dumps(call.body),
+            headers=upstream_headers(request, record.request_id),
+            trace_request_ctx=record.timings,  # the session's tracing stamps connect or pooled reuse here
+        )
+    except aiohttp.ConnectionTimeoutError:
+        raise _upstream_error(record, 504, f"connecting to the engine at {base} timed out") from None
+    except TimeoutError:
+        raise _upstream_error(record, 504, f"the engine at {base} sent no response in time") from None
+    except aiohttp.ClientConnectorError as exc:
+        reason = exc.os_error.strerror or str(exc)
+        raise _upstream_error(record, 502, f"the engine at {base} is unreachable: {reason}") from None
+    except aiohttp.ClientError as exc:
+        raise _upstream_error(record, 502, f"the engine at {base} failed before answering: {exc}") from None
+    if upstream.status != 200:
+        try:
+            body = await upstream.content.read(_ENGINE_ERROR_BODY_LIMIT)
+        finally:
+            upstream.release()
+        # The engine's own verdict on the request (400 for a bad value, 404 for an unknown model, ...).
+        status = upstream.status if 400 <= upstream.status < 600 else 502
+        raise _upstream_error(record, status, engine_error_message(body))
+    return upstream
+
+
+def _upstream_error(record: RequestRecord, status: int, message: str) -> OllamaError:
+    record.outcome = "upstream_error"
+    record.error = message
+    return OllamaError(status, message)
+
+
+async def answer(
+    request: web.Request, gateway: Gateway, call: EngineCall, record: RequestRecord, clock: AnswerClock
+) -> web.StreamResponse:
+    upstream = await open_engine_stream(request, gateway, call, record)
+    clock.mark_headers()
+    record.timings.upstream_headers = clock.headers / 1e9
+    record.status = upstream.status
+    try:
+        if call.stream:
+            return await _stream_lines(request, upstream, gateway, call, record, clock)
+        return await _collect(upstream, gateway, call, record, clock)
+    finally:
+        if upstream.content.at_eof() and record.outcome == "completed":
+            upstream.release()
+        else:
+            upstream.close()  # closing mid-answer is how vLLM learns to abort the request
+
+
+async def _stream_lines(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    gateway: Gateway,
+    call: EngineCall,
+    record: RequestRecord,
+    clock: AnswerClock,
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers=NDJSON_HEADERS | {REQUEST_ID: record.request_id})
+    await response.prepare(request)
+    timings = record.timings
+    kind, model = call.kind, call.model_name
+    events = EngineEvents()
+    frames = SseEvents()
+    read = upstream.content.readany
+    write = response.write
+    hops = gateway.hop_timing
+    finished = False
+    try:
+        while True:
+            try:
+                chunk = await read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                await write(error_line(_broken_stream(gateway, record, exc)))
+                return response
+            if not chunk:
+                if not finished:
+                    await write(error_line(_cut_stream(gateway, record)))
+                return response
+            arrival = now()
+            if hops:
+                timings.arrivals.append(arrival)
+            for data in frames.feed(chunk):
+                stamp = perf_counter_ns()
+                if data == b"[DONE]":
+                    if finished:
+                        continue
+                    clock.generated = clock.generated or stamp
+                    line = orjson.dumps(final_object(kind, model, events, clock)) + b"\n"
+                    finished = True
+                else:
+                    try:
+                        content, thinking = events.read(data, stamp)
+                        line = text_line(kind, model, content, thinking) if content or thinking else b""
+                        if events.finish_reason and events.has_tool_calls:  # the calls are whole now
+                            line += tool_calls_line(kind, model, events.take_tool_calls())
+                    except EngineStreamError as exc:
+                        record.outcome = "upstream_error"
+                        record.error = str(exc)
+                        await write(error_line(str(exc)))
+                        return response
+                    if events.prompt_tokens is not None and not clock.generated:
+                        clock.generated = stamp
+                    if events.first_token_ns and not timings.first_token:
+                        timings.first_token = events.first_token_ns / 1e9
+                    if not line:
+                        continue
+                timings.events += 1
+                timings.bytes_out += len(line)
+                before = now()
+                await write(line)
+                timings.write_blocked += now() - before
+            if hops:
+                timings.handling.append(now() - arrival)
+    except ConnectionResetError as exc:  # the client went away
+        record.outcome = "client_abort"
+        record.error = repr(exc)
+        return response
+
+
+async def _collect(
+    upstream: aiohttp.ClientResponse, gateway: Gateway, call: EngineCall, record: RequestRecord, clock: AnswerClock
+) -> web.Response:
+    """``stream: false``: the same events, gathered into one object."""
+    events = EngineEvents()
+    frames = SseEvents()
+    content: list[str] = []
+    thinking: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    headers = {REQUEST_ID: record.request_id}
+    while True:
+        try:
+            chunk = await upstream.content.readany()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return ollama_error_response(502, _broken_stream(gateway, record, exc), headers)
+        if not chunk:
+            return ollama_error_response(502, _cut_stream(gateway, record), headers)
+        for data in frames.feed(chunk):
+            stamp = perf_counter_ns()
+            if data == b"[DONE]":
+                clock.generated = clock.generated or stamp
+                obj = final_object(
+                    call.kind, call.model_name, events, clock, "".join(content), "".join(thinking), tool_calls
+                )
+                await upstream.content.read()  # to the end, so the connection goes back to the pool
+                body = orjson.dumps(obj)
+                record.timings.bytes_out = len(body)
+                record.timings.events = 1
+                return web.Response(body=body, content_type="application/json", headers=headers)
+            try:
+                text, thought = events.read(data, stamp)
+                if events.prompt_tokens is not None and not clock.generated:
+                    clock.generated = stamp
+                if events.first_token_ns and not record.timings.first_token:
+                    record.timings.first_token = events.first_token_ns / 1e9
+                if events.finish_reason and events.has_tool_calls:
+                    tool_calls += events.take_tool_calls()
+            except EngineStreamError as exc:
+                record.outcome = "upstream_error"
+                record.error = str(exc)
+                return ollama_error_response(502, str(exc), headers)
+            if text:
+                content.append(text)
+            if thought:
+                thinking.append(thought)
+
+
+def _broken_stream(gateway: Gateway, record: RequestRecord, exc: BaseException) -> str:
+    record.error = repr(exc)
+    if isinstance(exc, TimeoutError):
+        record.outcome = "idle_timeout"
+        idle = gateway.timeouts.idle or 0
+        return f"the engine sent nothing for {idle:g} s; the answer was ended"
+    record.outcome = "upstream_error"
+    return f"the engine at {gateway.backend.base_url} ended the stream before it was complete"
+
+
+def _cut_stream(gateway: Gateway, record: RequestRecord) -> str:
+    record.outcome = "upstream_error"
+    record.error = "stream ended without [DONE]"
+    return f"the engine at {gateway.backend.base_url} ended the stream before it was complete"
