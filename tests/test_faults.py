@@ -11,12 +11,13 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
 from flushgate.config import Timeouts
 from flushgate.engine.supervisor import EngineState
-from tests.fakes import FakeUpstream, start_stream
+from tests.fakes import DONE_EVENT, FakeUpstream, ScriptedEngine, chat_event, start_stream
 from tests.managed import managed_server, pids_of, supervisor_of, wait
 
 GUARD_S = 30
@@ -136,6 +137,67 @@ async def test_malformed_sse_from_the_engine_reaches_the_client_byte_for_byte(
     assert body == b"".join(MALFORMED_SSE)
     (record,) = [entry for entry in logs if entry["event"] == "request"]
     assert record["outcome"] == "completed"
+
+
+# Engine events the Ollama translation must reject: each ends the NDJSON stream with an {"error": ...} line.
+MALFORMED_FOR_OLLAMA = {
+    "not JSON": [b"data: {not json\n\n", DONE_EVENT],
+    "not UTF-8": [b'data: {"choices": [{"delta": {"content": "\xff\xfe"}}]}\n\n', DONE_EVENT],
+    "not an object": [b"data: [1, 2]\n\n", DONE_EVENT],
+    "cut inside an event": [b'data: {"choices": [{"delta": {"content": "par'],
+}
+# Well-formed JSON of the wrong shape: the translation fails after the stream has started, and its error answer
+# is written into the open stream, which breaks the HTTP framing for the client.
+WRONG_SHAPE_FOR_OLLAMA = {
+    "choices not a list": [b'data: {"choices": "x"}\n\n', DONE_EVENT],
+    "a choice not an object": [b'data: {"choices": [1]}\n\n', DONE_EVENT],
+    "delta not an object": [b'data: {"choices": [{"delta": "x"}]}\n\n', DONE_EVENT],
+    "tool_calls not a list": [b'data: {"choices": [{"delta": {"tool_calls": "x"}}]}\n\n', DONE_EVENT],
+}
+
+
+async def ollama_stream_after(fake: FakeUpstream, gateway_url: str, tail: list[bytes]) -> list[dict[str, object]]:
+    """/api/chat's lines when the engine sends one good event and then ``tail``; fails on broken framing."""
+    engine = ScriptedEngine()
+
+    async def generation(request: web.Request) -> web.StreamResponse:
+        response = await start_stream(request)
+        for chunk in [chat_event("Hi"), *tail]:
+            await response.write(chunk)
+        return response
+
+    engine.generation = generation
+    fake.handler = engine
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "x"}]}
+    async with aiohttp.ClientSession() as http, http.post(gateway_url + "/api/chat", json=body) as resp:
+        assert resp.status == 200
+        lines = (await asyncio.wait_for(resp.read(), GUARD_S)).splitlines()
+    return [orjson.loads(line) for line in lines]
+
+
+@pytest.mark.parametrize("tail", MALFORMED_FOR_OLLAMA.values(), ids=MALFORMED_FOR_OLLAMA.keys())
+async def test_malformed_sse_on_the_ollama_routes_ends_the_stream_with_an_error_line(
+    fake: FakeUpstream, gateway_url: str, tail: list[bytes]
+) -> None:
+    """/api translates, so it must judge: the good part arrives, then one error line, never a "done" line."""
+    lines = await ollama_stream_after(fake, gateway_url, tail)
+    assert lines[0]["message"] == {"role": "assistant", "content": "Hi"}
+    assert list(lines[-1]) == ["error"]
+    assert not any(line.get("done") for line in lines)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=aiohttp.ClientResponseError,
+    reason="proxy/ollama/events.py reads engine events without checking their shape; the handler's 500 is then "
+    "written into the open NDJSON stream",
+)
+@pytest.mark.parametrize("tail", WRONG_SHAPE_FOR_OLLAMA.values(), ids=WRONG_SHAPE_FOR_OLLAMA.keys())
+async def test_engine_events_of_the_wrong_shape_on_the_ollama_routes_end_the_stream_with_an_error_line(
+    fake: FakeUpstream, gateway_url: str, tail: list[bytes]
+) -> None:
+    lines = await ollama_stream_after(fake, gateway_url, tail)
+    assert list(lines[-1]) == ["error"]
 
 
 async def until(event: asyncio.Event, workers: list[asyncio.Task[None]]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -24,12 +25,13 @@ from tests.fakes import FakeUpstream
 from tests.raw_http import RawResponse, exchange
 
 KEY = "sk-fuzz-key"
-EXAMPLES = 200
+# `make fuzz` runs many more, with fresh random inputs each time.
+EXAMPLES = int(os.environ.get("FLUSHGATE_FUZZ_EXAMPLES", "200"))
 FUZZ_SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],  # one gateway serves every example, on purpose
-    derandomize=True,  # the same inputs on every run, so a failure in CI reproduces locally
+    derandomize="FLUSHGATE_FUZZ_EXAMPLES" not in os.environ,  # in `make test` the same inputs on every run
 )
 
 POST_ROUTES = [
