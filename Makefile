@@ -45,7 +45,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy -p flushgate -p tests
 
-test: lint engine model
+test: lint browser-deps engine model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 run: install engine model

@@ -44,6 +44,7 @@ class Backoff:
 
 CRASH_LOOP_AFTER = 3
 OUTPUT_LINE_LIMIT = 1 << 20
+PROBE_TIMEOUT_S = 2.0  # a readiness probe must answer quickly, whatever the gateway's idle timeout
 LOG_TAIL_LINES = 50
 
 LineSink = Callable[[str], None]
@@ -241,11 +242,12 @@ class EngineSupervisor:
         self._changed()
 
     async def probe(self, session: aiohttp.ClientSession) -> bool:
+        timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
         try:
-            async with session.get(self.base_url + "/health") as health:
+            async with session.get(self.base_url + "/health", timeout=timeout) as health:
                 if health.status != 200:
                     return False
-            async with session.get(self.base_url + "/v1/models") as models:
+            async with session.get(self.base_url + "/v1/models", timeout=timeout) as models:
                 if models.status != 200:
                     return False
                 listed = await models.json()

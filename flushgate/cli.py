@@ -172,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
         "request with the header 'X-Flushgate-Timing: summary' (FLUSHGATE_TIMING_SUMMARY)",
     )
     serve.add_argument(
+        "--engine-traces-port",
+        type=int,
+        default=_env("ENGINE_TRACES_PORT", None, int),
+        metavar="PORT",
+        help="attach mode: listen on 127.0.0.1:PORT for the engine's OTLP/HTTP spans, for vLLM started with "
+        "--otlp-traces-endpoint http://127.0.0.1:PORT/v1/traces and OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="
+        "http/protobuf, and join its per-request timing into the record (FLUSHGATE_ENGINE_TRACES_PORT)",
+    )
+    serve.add_argument(
+        "--thinking-aliases",
+        default=_env("THINKING_ALIASES", "think=on,nothink=off", str),
+        metavar="TAG=on|off,...",
+        help="Ollama API: model tags that turn thinking on or off, listed as MODEL:TAG for models whose chat "
+        "template honours enable_thinking; empty for none (FLUSHGATE_THINKING_ALIASES)",
+    )
+    serve.add_argument(
         "--engine-timing",
         action=argparse.BooleanOptionalAction,
         default=_env("ENGINE_TIMING", True, _bool),
@@ -202,6 +218,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         engine_timing=args.engine_timing,
         limits=_limits_from_args(args),
         access=_access_from_args(args),
+        thinking_aliases=args.thinking_aliases,
+        engine_traces_port=args.engine_traces_port,
     ).validate()
 
 

@@ -67,6 +67,8 @@ class Config:
     engine_timing: bool = True  # managed engine: join vLLM's per-request spans into the record
     limits: Limits = field(default_factory=Limits)
     access: Access = field(default_factory=Access)
+    engine_traces_port: int | None = None  # attach mode: receive an external vLLM's per-request spans here
+    thinking_aliases: str = "think=on,nothink=off"  # Ollama model-name tags that switch Qwen3-style thinking
 
     def validate(self) -> Config:
         if (self.upstream is None) == (self.model is None):
@@ -78,6 +80,14 @@ class Config:
 
             if self.preset not in PRESETS:
                 raise ConfigError(f"unknown --preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
+        try:
+            from flushgate.proxy.ollama.settings import parse_thinking_aliases
+
+            parse_thinking_aliases(self.thinking_aliases)
+        except ValueError as exc:
+            raise ConfigError(f"--thinking-aliases: {exc}") from None
+        if self.engine_traces_port is not None and not 0 < self.engine_traces_port <= 65535:
+            raise ConfigError(f"--engine-traces-port must be 1..65535, got {self.engine_traces_port}")
         if self.engine_grace < 0:
             raise ConfigError("--engine-grace must not be negative")
         if self.upstream is not None:

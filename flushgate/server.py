@@ -21,6 +21,7 @@ from flushgate.engine_timing import EngineTimings, OtlpReceiver
 from flushgate.logs import get_logger, is_console
 from flushgate.metrics import Metrics
 from flushgate.proxy.app import build_app
+from flushgate.proxy.ollama.settings import OllamaSettings, parse_thinking_aliases
 from flushgate.proxy.passthrough import connection_tracing
 from flushgate.proxy.state import Gateway
 from flushgate.proxy.upstream import AttachedBackend, Backend, open_session
@@ -46,12 +47,12 @@ class Server:
     async def _make_backend(self) -> Backend:
         config = self.config
         if config.upstream_base is not None:
+            if config.engine_traces_port is not None:
+                await self._receive_engine_timing(config.engine_traces_port)
             return AttachedBackend(config.upstream_base)
         assert config.model is not None
         if config.engine_timing:
-            self.engine_timings = EngineTimings()
-            self._receiver = OtlpReceiver(self.engine_timings, self.log)
-            await self._receiver.start()
+            await self._receive_engine_timing(0)
         spec = build_spec(
             config.model,
             python=config.engine_python or sys.executable,
@@ -73,6 +74,11 @@ class Server:
             self._progress = asyncio.create_task(show_progress(self.supervisor, log_file))
         return EngineBackend(self.supervisor)
 
+    async def _receive_engine_timing(self, port: int) -> None:
+        self.engine_timings = EngineTimings()
+        self._receiver = OtlpReceiver(self.engine_timings, self.log)
+        await self._receiver.start(port)
+
     async def start(self) -> None:
         config = self.config
         backend = self._backend or await self._make_backend()
@@ -90,6 +96,7 @@ class Server:
             hop_timing=config.hop_timing,
             timing_summary=config.timing_summary,
             log_content=config.log_content,
+            ollama=OllamaSettings(thinking_aliases=parse_thinking_aliases(config.thinking_aliases)),
         )
         gateway_state.append(self.gateway)
         # handler_cancellation: a client that goes away cancels its handler, which closes the upstream request,

@@ -6,9 +6,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from flushgate.config import Access, Limits
+from flushgate.proxy.chat_page import add_page_assets, chat_root
 from flushgate.proxy.errors import error_response
 from flushgate.proxy.health import healthz, readyz
+from flushgate.proxy.model_aliases import add_model_aliases
 from flushgate.proxy.ollama.api import add_ollama_routes
+from flushgate.proxy.ollama.models import ModelRegistry
 from flushgate.proxy.passthrough import forward
 from flushgate.proxy.security import install_guards
 from flushgate.proxy.state import GATEWAY, Gateway
@@ -39,8 +42,12 @@ def build_app(gateway: Gateway, access: Access | None = None, limits: Limits | N
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)
     router.add_get("/metrics", metrics)
+    registry = ModelRegistry(gateway)
+    add_model_aliases(router, registry)  # before the /v1 pass-through, which takes everything else
     for path in PASSTHROUGH_PATHS:
         router.add_route("*", path, forward)
-    add_ollama_routes(router, gateway)
+    add_page_assets(router)
+    # GET /: the chat page for browsers, Ollama's "Ollama is running" for every other client
+    add_ollama_routes(router, gateway, root=chat_root, registry=registry)
     router.add_route("*", "/{tail:.*}", not_found)
     return app

@@ -39,17 +39,21 @@ TIMING_OPT_IN = "X-Flushgate-Timing"
 CONTENT_CAP = 1 << 20  # --log-content keeps at most this much of each side
 
 
-async def forward(request: web.Request) -> web.StreamResponse:
+async def forward(
+    request: web.Request, body: bytes | None = None, received: float = 0.0, body_done: float = 0.0
+) -> web.StreamResponse:
+    """Forward ``request``. A caller that already read the client's body passes it as ``body`` (possibly
+    rewritten), with when the request arrived (``received``) and when its body was read (``body_done``)."""
     gateway = request.app[GATEWAY]
     record = RequestRecord(
         request_id=request.headers.get(REQUEST_ID) or new_request_id(),
         method=request.method,
         path=request.path,
-        timings=RequestTimings(start=now()),
+        timings=RequestTimings(start=received or now(), body_done=body_done),
     )
     gateway.enter()
     try:
-        return await _exchange(request, gateway, record)
+        return await _exchange(request, gateway, record, body)
     except asyncio.CancelledError:
         record.outcome = "client_abort"  # aiohttp cancels the handler when the client's connection is lost
         raise
@@ -59,7 +63,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
         gateway.recorder.finish(record)
 
 
-async def _exchange(request: web.Request, gateway: Gateway, record: RequestRecord) -> web.StreamResponse:
+async def _exchange(
+    request: web.Request, gateway: Gateway, record: RequestRecord, body: bytes | None
+) -> web.StreamResponse:
     refusal = gateway.refusal()
     if refusal is not None:
         record.outcome = "rejected"
@@ -73,15 +79,28 @@ async def _exchange(request: web.Request, gateway: Gateway, record: RequestRecor
 
     base = gateway.backend.base_url
     timings = record.timings
-    if not request.body_exists:
+    headers = upstream_request_headers(request.headers, record.request_id, request.remote)
+    data: bytes | AsyncIterator[bytes] | None = None
+    if body is not None:
+        timings.body_done = timings.body_done or now()
+        timings.bytes_in = request.content_length or len(body)
+        if record.model is None and (found := MODEL_FIELD.search(body)):
+            record.model = found.group(1).decode("utf-8", "replace")
+        if gateway.log_content:
+            record.content = {"request": body[:CONTENT_CAP].decode("utf-8", "replace")}
+        headers.popall("Content-Length", None)  # aiohttp sets the new body's length
+        data = body
+    elif request.body_exists:
+        data = _request_body(request, record, gateway.log_content)
+    else:
         timings.body_done = timings.start
     timings.upstream_call = now()
     try:
         upstream = await gateway.session.request(
             request.method,
             URL(base + request.raw_path, encoded=True),
-            headers=upstream_request_headers(request.headers, record.request_id, request.remote),
-            data=_request_body(request, record, gateway.log_content) if request.body_exists else None,
+            headers=headers,
+            data=data,
             allow_redirects=False,
             trace_request_ctx=timings,
         )

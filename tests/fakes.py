@@ -207,3 +207,28 @@ async def stream_hello(request: web.Request) -> web.StreamResponse:
         await response.write(event)
     await response.write(DONE_EVENT)
     return response
+
+
+async def export_llm_span(endpoint: str, engine_id: str, timing: dict[str, float], completion_tokens: int) -> None:
+    """Post one ``llm_request`` span as vLLM exports it over OTLP/HTTP (protobuf)."""
+    import aiohttp
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+    def attr(key: str, value: AnyValue) -> KeyValue:
+        return KeyValue(key=key, value=value)
+
+    span = Span(
+        name="llm_request",
+        attributes=[
+            attr("gen_ai.request.id", AnyValue(string_value=engine_id)),
+            attr("gen_ai.latency.time_in_queue", AnyValue(double_value=timing["queue"])),
+            attr("gen_ai.latency.time_in_model_prefill", AnyValue(double_value=timing["prefill"])),
+            attr("gen_ai.latency.time_in_model_decode", AnyValue(double_value=timing["decode"])),
+            attr("gen_ai.usage.completion_tokens", AnyValue(int_value=completion_tokens)),
+        ],
+    )
+    body = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[span])])])
+    async with aiohttp.ClientSession() as session, session.post(endpoint, data=body.SerializeToString()) as resp:
+        assert resp.status == 200

@@ -94,7 +94,7 @@ async def test_a_stalled_engine_is_cut_off_by_the_idle_timeout_and_the_gateway_k
             os.kill(engine_pid, signal.SIGCONT)
         await server.stop()
     assert [last_error_code(body) for body in bodies] == ["idle_timeout"] * 10
-    assert idle_s <= ended_within < idle_s + 5
+    assert idle_s * 0.8 <= ended_within < idle_s + 5  # the idle clock started at the last event, just before
     assert sup.restarts == 0  # a stall is not a crash; the engine was left alone
 
 

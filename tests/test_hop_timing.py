@@ -17,8 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from flushgate.config import Config
+from flushgate.engine.command import free_port
 from flushgate.server import Server
-from tests.fakes import FakeUpstream, sse_chunk, start_stream
+from tests.fakes import FakeUpstream, export_llm_span, sse_chunk, start_stream
 from tests.managed import managed_server, supervisor_of
 
 GUARD_S = 30
@@ -59,21 +60,21 @@ async def chat(server: Server, plan: dict[str, float], headers: dict[str, str] |
 
 
 async def test_engine_queue_prefill_and_decode_land_in_the_engine_fields(managed: Server) -> None:
-    plan = {"fake_queue_s": 0.3, "fake_prefill_s": 0.2, "fake_tokens": 6, "fake_token_gap_s": 0.1}
+    plan = {"fake_queue_s": 0.6, "fake_prefill_s": 0.4, "fake_tokens": 6, "fake_token_gap_s": 0.15}
     with capture_logs() as logs:
         await chat(managed, plan, headers={"X-Request-ID": "planted-1"})
         assert managed.gateway is not None
         await managed.gateway.recorder.flush()
     (record,) = records(logs)
     split = record["split"]
-    assert close_to(split["engine_queue_ms"], 0.3)
-    assert close_to(split["engine_prefill_ms"], 0.2)
-    assert close_to(split["engine_decode_ms"], 0.5)  # five gaps of 100 ms after the first token
-    assert close_to(record["gap_p50_ms"], 0.1)
-    assert record["gaps_over_100ms"] <= 5
+    assert close_to(split["engine_queue_ms"], 0.6)
+    assert close_to(split["engine_prefill_ms"], 0.4)
+    assert close_to(split["engine_decode_ms"], 0.75)  # five gaps of 150 ms after the first token
+    assert close_to(record["gap_p50_ms"], 0.15)
+    assert record["gaps_over_100ms"] == 5
     assert record["tokens"] == 6
-    assert record["decode_tok_s"] == pytest.approx(5 / 0.5, rel=TOLERANCE)
-    assert close_to(record["first_token_ms"] - record["upstream_ttfb_ms"], 0.5)  # queue + prefill after headers
+    assert record["decode_tok_s"] == pytest.approx(5 / 0.75, rel=TOLERANCE)
+    assert close_to(record["first_token_ms"] - record["upstream_ttfb_ms"], 1.0)  # queue + prefill after headers
     assert_consistent(record)
 
 
@@ -267,3 +268,36 @@ async def test_with_hop_timing_off_streams_still_pass_and_are_still_recorded(
     assert record["bytes_out"] == len(sse_chunk("a") + sse_chunk("b"))
     assert record["chunks"] == 0
     assert record["first_token_ms"] is None
+
+
+async def test_an_attached_engine_can_send_its_timing_to_a_fixed_port(fake: FakeUpstream) -> None:
+    port = free_port()
+
+    async def engine(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = await start_stream(request)
+        for token in ("a", "b", "c"):
+            await response.write(sse_chunk(token))
+        rid = request.headers["X-Request-ID"]
+        timing = {"queue": 0.004, "prefill": 0.02, "decode": 0.03}
+        await export_llm_span(f"http://127.0.0.1:{port}/v1/traces", f"chatcmpl-{rid}", timing, 3)
+        return response
+
+    fake.handler = engine
+    server = Server(Config(upstream=fake.url, port=0, engine_traces_port=port))
+    await server.start()
+    try:
+        with capture_logs() as logs:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", data=b"{}") as resp,
+            ):
+                await resp.read()
+            assert server.gateway is not None
+            await server.gateway.recorder.flush()
+    finally:
+        await server.stop()
+    (record,) = records(logs)
+    assert record["split"]["engine_prefill_ms"] == pytest.approx(20.0)
+    assert record["split"]["engine_queue_ms"] == pytest.approx(4.0)
+    assert record["tokens"] == 3

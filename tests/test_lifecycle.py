@@ -153,3 +153,18 @@ async def test_the_installed_command_serves_logs_json_and_stops_on_sigterm(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_thinking_aliases_from_the_command_line_reach_the_ollama_settings(fake: FakeUpstream) -> None:
+    config = config_from_args(
+        build_parser().parse_args(["serve", "--upstream", fake.url, "--thinking-aliases", "r=on"])
+    )
+    server = Server(Config(upstream=fake.url, port=0, thinking_aliases=config.thinking_aliases))
+    await server.start()
+    try:
+        assert server.gateway is not None
+        assert dict(server.gateway.ollama.thinking_aliases) == {"r": True}
+    finally:
+        await server.stop()
+    with pytest.raises(ConfigError, match="--thinking-aliases"):
+        config_from_args(build_parser().parse_args(["serve", "--upstream", fake.url, "--thinking-aliases", "x=maybe"]))

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from flushgate.proxy.ollama.settings import parse_thinking_aliases
 from flushgate.proxy.ollama.sse import SseEvents
 
-payloads = st.lists(st.text(st.characters(blacklist_characters="\r\n"), max_size=40).map(str.encode), max_size=8)
+payloads = st.lists(
+    st.text(st.characters(blacklist_characters="\r\n", codec="utf-8"), max_size=40).map(str.encode), max_size=8
+)
 
 
 def stream_of(datas: list[bytes], crlf: bool) -> bytes:

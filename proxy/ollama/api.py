@@ -39,11 +39,17 @@ MANAGEMENT_ROUTES = (
 )
 
 
-def add_ollama_routes(router: web.UrlDispatcher, gateway: Gateway) -> None:
-    """Register Ollama's API; must come before any catch-all route."""
-    api = OllamaApi(gateway)
+def add_ollama_routes(
+    router: web.UrlDispatcher,
+    gateway: Gateway,
+    root: Callable[[Handler], Handler] = lambda handler: handler,
+    registry: ModelRegistry | None = None,
+) -> None:
+    """Register Ollama's API; must come before any catch-all route. ``root`` wraps the ``GET /`` handler, so the
+    path can be shared with something else (the chat page, for browsers)."""
+    api = OllamaApi(gateway, registry)
     routes: list[tuple[str, str, Handler]] = [
-        ("GET", "/", api.root),
+        ("GET", "/", root(api.root)),
         ("GET", "/api/version", api.version),
         ("GET", "/api/tags", api.tags),
         ("GET", "/api/ps", api.ps),
@@ -99,9 +105,9 @@ async def read_limited(request: web.Request) -> bytes:
 
 
 class OllamaApi:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, registry: ModelRegistry | None = None) -> None:
         self.gateway = gateway
-        self.registry = ModelRegistry(gateway)
+        self.registry = registry or ModelRegistry(gateway)
         self.allowed: dict[str, set[str]] = {}
 
     async def root(self, request: web.Request) -> web.Response:

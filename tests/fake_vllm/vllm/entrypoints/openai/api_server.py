@@ -118,8 +118,7 @@ def main() -> None:
         record("sigterm")
         if os.environ.get("FAKE_ENGINE_IGNORE_TERM") == "1":
             return
-        worker.terminate()
-        worker.wait()
+        worker.kill()
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)

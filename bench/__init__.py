@@ -1,0 +1,1 @@
+"""The benchmark: what flushgate adds to a streamed answer, against the engine direct, nginx and LiteLLM."""

@@ -1,0 +1,3 @@
+from flushgate.bench.runner import main
+
+raise SystemExit(main())

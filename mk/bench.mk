@@ -1,0 +1,38 @@
+# The benchmark (docs/bench/README.md): the engine direct, flushgate, nginx and LiteLLM's proxy in one bounded run
+# on 127.0.0.1. `make bench` installs what it needs; `make test` needs none of it.
+LITELLM_VENV    ?= .venv-litellm
+LITELLM_VERSION ?= 1.108.7
+BENCH_OUT       ?= docs/bench
+BENCH_ARGS      ?=
+SUDO            := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: bench bench-deps
+
+# LiteLLM lives in its own venv: its many dependencies never meet flushgate's.
+$(LITELLM_VENV)/.installed:
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q --upgrade pip
+	$(LITELLM_VENV)/bin/pip install -q 'litellm[proxy]==$(LITELLM_VERSION)'
+	touch $@
+
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+# nginx from Debian; the service the package would start is switched off again, the benchmark runs its own.
+bench-deps: $(VENV)/.bench-installed $(LITELLM_VENV)/.installed
+	@if ! command -v nginx >/dev/null 2>&1 && ! [ -x /usr/sbin/nginx ]; then \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q nginx && \
+		if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then \
+			$(SUDO) systemctl disable --now nginx; fi; \
+	fi
+
+bench: bench-deps
+	$(PY) -m flushgate.bench --out $(BENCH_OUT) --litellm $(LITELLM_VENV)/bin/litellm $(BENCH_ARGS)
+
+# Where flushgate's CPU goes in one scenario (py-spy); writes collapsed stacks under artifacts/profile.
+PROFILE_ARGS ?= --scenario 256x1ms
+.PHONY: bench-profile
+bench-profile: bench-deps
+	$(PY) -m flushgate.bench.profile $(PROFILE_ARGS)

@@ -1,0 +1,89 @@
+"""Thinking aliases on the OpenAI API: ``MODEL:think`` / ``MODEL:nothink`` for UIs that only offer a model list.
+
+Only two requests are touched. ``GET /v1/models`` lists each alias beside its model; a chat completion that names
+an alias is sent to the engine with the real model name and ``chat_template_kwargs.enable_thinking`` set. Every
+other request, and every chat completion naming a plain model, is forwarded untouched by the pass-through.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from flushgate.proxy.ollama.errors import OllamaError
+from flushgate.proxy.ollama.models import ModelRegistry
+from flushgate.proxy.passthrough import MODEL_FIELD, forward
+from flushgate.proxy.state import GATEWAY
+from flushgate.timings import now
+
+ALIAS_BODY_LIMIT = 8 << 20  # a chat body this large is forwarded as it comes, unread
+
+
+def add_model_aliases(router: web.UrlDispatcher, registry: ModelRegistry) -> None:
+    """Register before the ``/v1`` pass-through route."""
+
+    async def models(request: web.Request) -> web.StreamResponse:
+        return await _models_with_aliases(request, registry)
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await _chat_with_alias(request, registry)
+
+    router.add_get("/v1/models", models)
+    router.add_post("/v1/chat/completions", chat)
+
+
+async def _alias_names(registry: ModelRegistry) -> dict[str, tuple[str, bool]]:
+    """Alias -> (served model id, thinking on); empty when no alias is configured or the engine is unavailable."""
+    if not registry.settings.thinking_aliases:
+        return {}
+    try:
+        names = await registry.names()
+    except (OllamaError, aiohttp.ClientError, TimeoutError):
+        return {}
+    return {n.name: (n.model.id, n.thinking) for n in names if n.thinking is not None}
+
+
+async def _models_with_aliases(request: web.Request, registry: ModelRegistry) -> web.StreamResponse:
+    aliases = await _alias_names(registry)
+    if not aliases:
+        return await forward(request)
+    gateway = request.app[GATEWAY]
+    async with gateway.session.get(gateway.backend.base_url + "/v1/models") as upstream:
+        raw = await upstream.read()
+        if upstream.status != 200:
+            return web.Response(status=upstream.status, body=raw, content_type=upstream.content_type)
+    listing: dict[str, Any] = orjson.loads(raw)
+    cards = {card.get("id"): card for card in listing.get("data", [])}
+    for alias, (model_id, _) in aliases.items():
+        if model_id in cards:
+            listing["data"].append({**cards[model_id], "id": alias, "parent": model_id})
+    return web.Response(body=orjson.dumps(listing), content_type="application/json")
+
+
+async def _chat_with_alias(request: web.Request, registry: ModelRegistry) -> web.StreamResponse:
+    size = request.content_length
+    if not registry.settings.thinking_aliases or size is None or size > ALIAS_BODY_LIMIT:
+        return await forward(request)
+    received = now()
+    raw = await request.read()
+    body_done = now()
+    named = MODEL_FIELD.search(raw)
+    name = named.group(1).decode("utf-8", "replace") if named else ""
+    tags = registry.settings.thinking_aliases
+    # Only a name ending in an alias tag costs a look at the engine's models.
+    looks_aliased = any(name.endswith((f":{tag}", f"-{tag}")) for tag in tags)
+    target = (await _alias_names(registry)).get(name) if looks_aliased else None
+    if target is None:
+        return await forward(request, raw, received, body_done)
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return await forward(request, raw, received, body_done)  # the engine answers bad JSON in its own words
+    model_id, thinking = target
+    payload["model"] = model_id
+    kwargs = payload.get("chat_template_kwargs")
+    payload["chat_template_kwargs"] = {**(kwargs if isinstance(kwargs, dict) else {}), "enable_thinking": thinking}
+    return await forward(request, orjson.dumps(payload), received, body_done)

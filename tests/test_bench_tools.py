@@ -1,0 +1,222 @@
+"""The benchmark's measuring tools give exact answers on inputs whose answers are known."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from flushgate.bench.engine import start_engine
+from flushgate.bench.framing import EventSplitter, FramingError, MessageParser, event_data
+from flushgate.bench.loadgen import Recording, Scenario, analyse, fetch_stream, run_scenario
+from flushgate.bench.procstat import parse_stat
+from flushgate.bench.report import FLUSHGATE, NGINX, Cell, checks
+from flushgate.bench.runner import rotated
+from flushgate.bench.stats import Spread, added, percentile, within
+from flushgate.bench.targets import Target
+
+DEADLOCK_GUARD_S = 10
+
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"6\r\nhello \r\n"
+    b"5;ext=1\r\nworld\r\n"
+    b"0\r\nX-Trailer: yes\r\n\r\n"
+)
+
+
+def splits(data: bytes) -> Iterator[list[bytes]]:
+    """Every way to cut ``data`` in two, and byte by byte."""
+    for cut in range(len(data) + 1):
+        yield [data[:cut], data[cut:]]
+    yield [data[i : i + 1] for i in range(len(data))]
+
+
+def test_chunked_body_decodes_the_same_however_the_bytes_are_split() -> None:
+    for pieces in splits(CHUNKED + b"NEXT"):
+        parser = MessageParser()
+        body = b"".join(b for piece in pieces for b in parser.feed(piece))
+        assert body == b"hello world"
+        assert parser.complete
+        assert parser.excess == b"NEXT"
+        assert parser.head is not None
+        assert parser.head.status == 200
+        assert parser.head.get("content-type") == "text/event-stream"
+
+
+def test_chunked_body_cut_short_is_not_complete_even_at_eof() -> None:
+    parser = MessageParser()
+    parser.feed(CHUNKED[:-7])  # the zero-size chunk's trailers never end
+    parser.feed_eof()
+    assert not parser.complete
+
+
+def test_content_length_body_ends_at_its_length() -> None:
+    parser = MessageParser()
+    body = parser.feed(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusyHTTP")
+    assert body == [b"busy"]
+    assert parser.complete
+    assert parser.excess == b"HTTP"
+
+
+def test_body_without_length_ends_only_when_the_peer_closes() -> None:
+    parser = MessageParser()
+    assert parser.feed(b"HTTP/1.1 200 OK\r\n\r\nabc") == [b"abc"]
+    assert not parser.complete
+    parser.feed_eof()
+    assert parser.complete
+
+
+def test_bad_chunk_size_is_a_framing_error() -> None:
+    parser = MessageParser()
+    with pytest.raises(FramingError, match="chunk size"):
+        parser.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+
+
+def test_request_with_body_is_framed_by_content_length() -> None:
+    parser = MessageParser(is_response=False)
+    parser.feed(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+    assert parser.complete
+    assert parser.head is not None
+    assert parser.head.method_and_target == ("POST", "/v1/chat/completions")
+
+
+def test_events_split_at_blank_lines_however_the_bytes_are_split() -> None:
+    stream = b'data: {"a":1}\n\ndata: [DONE]\r\n\r\ndata: partial'
+    for pieces in splits(stream):
+        splitter = EventSplitter()
+        events = [e for piece in pieces for e in splitter.feed(piece)]
+        assert events == [b'data: {"a":1}', b"data: [DONE]"]
+        assert splitter.pending == b"data: partial"
+
+
+def test_event_data_joins_data_lines_and_ignores_other_fields() -> None:
+    assert event_data(b"event: x\ndata: one\ndata:two") == b"one\ntwo"
+    assert event_data(b": comment") is None
+
+
+def test_percentile_interpolates_between_closest_ranks() -> None:
+    assert percentile([5, 1, 4, 2, 3], 50) == 3
+    assert percentile([1, 2, 3, 4, 5], 99) == pytest.approx(4.96)
+    assert percentile([10, 20], 50) == 15
+    assert percentile([7], 99) == 7
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)
+
+
+def test_added_is_the_difference_of_each_percentile_against_direct() -> None:
+    assert added(Spread(3, 2.0, 9.0), Spread(3, 0.5, 1.0)) == (1.5, 8.0)
+    assert added(None, Spread(3, 0.5, 1.0)) is None
+
+
+def test_within_uses_the_ratio_above_the_noise_floor_and_the_allowance_below_it() -> None:
+    assert within(1.4, 1.0, factor=1.5, slack=0.3)
+    assert not within(1.6, 1.0, factor=1.5, slack=0.3)
+    assert within(0.25, 0.01, factor=1.5, slack=0.3)  # reference adds ~0: the absolute allowance decides
+    assert not within(0.35, 0.01, factor=1.5, slack=0.3)
+
+
+def _token(seq: int, sent_ns: int) -> bytes:
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"t%d:%d"}}]}\n\n' % (seq, sent_ns)
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+def test_analysis_matches_each_event_with_the_arrival_of_the_piece_that_completed_it() -> None:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    token1 = _token(1, 1_500)
+    end = b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+    recording = Recording(
+        started_ns=1_000,
+        pieces=[
+            (1_200, head + _token(0, 1_100)),
+            (1_700, token1[:20]),  # token 1 is not whole yet
+            (2_000, token1[20:] + end),
+        ],
+    )
+    result = analyse(recording, expected_tokens=2)
+    assert result.ttft_ns == 200
+    assert result.delays_ns == [100, 500]
+    assert result.ok
+    assert result.in_order
+
+
+def test_analysis_calls_a_stream_without_its_end_incomplete() -> None:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    recording = Recording(started_ns=0, pieces=[(10, head + _token(0, 5))], eof=True)
+    result = analyse(recording, expected_tokens=2)
+    assert result.error is None
+    assert not result.complete
+
+
+def test_analysis_reports_an_error_status() -> None:
+    recording = Recording(started_ns=0, pieces=[(10, b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")])
+    assert analyse(recording, expected_tokens=1).error == "status 502"
+
+
+async def test_fake_engine_streams_reach_the_load_generator_whole_and_in_order() -> None:
+    server, port = await start_engine()
+    try:
+        scenario = Scenario("tiny", streams=2, requests=1, tokens=5, interval_us=1000, deadline_s=DEADLOCK_GUARD_S)
+        run = await run_scenario("127.0.0.1", port, scenario)
+    finally:
+        server.close()
+    results = run.results()
+    assert len(results) == 2
+    for result in results:
+        assert result.error is None
+        assert result.complete
+        assert result.in_order
+        assert result.tokens == 5
+        assert result.ttft_ns is not None
+        assert result.ttft_ns > 0
+        assert all(delay >= 0 for delay in result.delays_ns)
+
+
+async def test_load_generator_counts_a_stream_cut_by_the_server_as_incomplete() -> None:
+    async def half_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + _token(0, 1))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(half_stream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        request = Scenario("cut", 1, 1, 3, 1000, DEADLOCK_GUARD_S).request_bytes("127.0.0.1", port, "k")
+        deadline_ns = time.monotonic_ns() + DEADLOCK_GUARD_S * 1_000_000_000
+        recording = await fetch_stream("127.0.0.1", port, request, deadline_ns)
+    finally:
+        server.close()
+    result = analyse(recording, expected_tokens=3)
+    assert result.tokens == 1
+    assert not result.complete
+    assert not result.ok
+
+
+def test_proc_stat_fields_are_found_after_a_command_name_with_spaces_and_parens() -> None:
+    text = "42 (nginx: worker (x)) S 7 42 42 0 -1 4194624 10 0 0 0 150 25 0 0 20 0 1 0 100 1000 50"
+    assert parse_stat(text) == (7, 175)
+
+
+def test_each_round_starts_with_the_next_target() -> None:
+    targets = [Target(name, 0) for name in ("a", "b", "c")]
+    assert [[t.name for t in rotated(targets, r)] for r in range(4)] == [
+        ["a", "b", "c"],
+        ["b", "c", "a"],
+        ["c", "a", "b"],
+        ["a", "b", "c"],
+    ]
+
+
+def _cell(delays_ms: list[float]) -> Cell:
+    return Cell(ttft_ms=[1.0], delay_ms=delays_ms, chunks=len(delays_ms), elapsed_s=1.0, cpu_s=0.1, requests=1)
+
+
+def test_delay_goal_is_met_within_one_and_a_half_times_nginx_and_not_beyond() -> None:
+    direct = [1.0] * 100
+    near = {"s": {"engine-direct": _cell(direct), NGINX: _cell([3.0] * 100), FLUSHGATE: _cell([4.0] * 100)}}
+    far = {"s": {"engine-direct": _cell(direct), NGINX: _cell([3.0] * 100), FLUSHGATE: _cell([5.0] * 100)}}
+    assert checks(near, stress="s", many="s")[0].met is True  # adds 3.0 ms against nginx's 2.0
+    assert checks(far, stress="s", many="s")[0].met is False  # adds 4.0 ms against nginx's 2.0
