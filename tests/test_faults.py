@@ -186,12 +186,6 @@ async def test_malformed_sse_on_the_ollama_routes_ends_the_stream_with_an_error_
     assert not any(line.get("done") for line in lines)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=aiohttp.ClientResponseError,
-    reason="proxy/ollama/events.py reads engine events without checking their shape; the handler's 500 is then "
-    "written into the open NDJSON stream",
-)
 @pytest.mark.parametrize("tail", WRONG_SHAPE_FOR_OLLAMA.values(), ids=WRONG_SHAPE_FOR_OLLAMA.keys())
 async def test_engine_events_of_the_wrong_shape_on_the_ollama_routes_end_the_stream_with_an_error_line(
     fake: FakeUpstream, gateway_url: str, tail: list[bytes]
