@@ -158,14 +158,16 @@ async def _relay(
         hops = gateway.hop_timing
         separator = b"\n\n" if kind == "sse" else b"\n"
         token_seen = kind is None or not hops  # only event streams are searched for their first token
+        last = b""
         while True:
             try:
                 chunk = await read()
             except (aiohttp.ClientError, TimeoutError) as exc:
-                await _end_broken_stream(request, response, upstream, gateway, record, exc)
+                await _end_broken_stream(request, response, upstream, gateway, record, exc, last)
                 return response
             if not chunk:
                 break
+            last = chunk
             timings.bytes_out += len(chunk)
             if kept is not None and len(kept) < CONTENT_CAP:
                 kept += chunk[: CONTENT_CAP - len(kept)]
@@ -224,6 +226,7 @@ async def _end_broken_stream(
     gateway: Gateway,
     record: RequestRecord,
     exc: BaseException,
+    last: bytes,
 ) -> None:
     """Make an unfinished upstream body unmistakable to the client.
 
@@ -241,7 +244,11 @@ async def _end_broken_stream(
         code = "upstream_disconnected"
     kind = stream_kind(upstream.headers.get("Content-Type"))
     if kind is not None:
-        await response.write(terminal_event(kind, message, code))
+        separator = b"\n\n" if kind == "sse" else b"\n"
+        # An event cut in the middle is closed first, so the error is an event of its own.
+        await response.write(
+            (separator if last and not last.endswith(separator) else b"") + terminal_event(kind, message, code)
+        )
     elif request.transport is not None:
         request.transport.close()
 

@@ -201,3 +201,15 @@ async def test_official_openai_client_raises_on_a_broken_stream(fake: FakeUpstre
     finally:
         await client.close()
     assert received == ["Hello"]
+
+
+async def test_upstream_death_in_the_middle_of_an_event_still_ends_with_a_whole_error_event(
+    fake: FakeUpstream, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    fake.handler = dies_after([sse_chunk("Hello"), b'data: {"choices": [{"delta": {"content": "par'])
+    async with http.post(gateway_url + "/v1/chat/completions", data=b"{}") as resp:
+        body = await asyncio.wait_for(resp.read(), GUARD_S)
+    events = body.split(b"\n\n")
+    assert events[-1] == b""  # the stream ends on an event boundary
+    assert events[1] == b'data: {"choices": [{"delta": {"content": "par'  # the cut event, closed as it was
+    assert orjson.loads(events[2].removeprefix(b"data: "))["error"]["code"] == "upstream_disconnected"
