@@ -30,6 +30,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _header(raw: str) -> tuple[str, str]:
+    name, sep, value = raw.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'Name: value', got {raw!r}")
+    return name.strip(), value.strip()
+
+
 def add_doctor_parser(commands: Any) -> None:
     """Adds ``doctor`` and its two verbs to flushgate's subcommands."""
     doctor = commands.add_parser(
@@ -55,6 +62,15 @@ def add_doctor_parser(commands: Any) -> None:
     probe_parser.add_argument("--api", choices=("openai", "ollama"), default="openai", help="which chat API to speak")
     probe_parser.add_argument("--model", help="model to ask for; default: the first one the reference lists")
     probe_parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message")
+    probe_parser.add_argument(
+        "--header",
+        dest="headers",
+        type=_header,
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="sent to every path, e.g. 'Authorization: Bearer KEY'; repeatable",
+    )
     probe_parser.add_argument("--max-tokens", type=_positive_int, default=128, help="tokens per answer at most")
     probe_parser.add_argument("--requests", type=_positive_int, default=3, help="measured requests per path")
     probe_parser.add_argument("--warmup", type=int, default=1, help="unmeasured short requests per path first")
@@ -99,6 +115,7 @@ def _run_probe(args: argparse.Namespace) -> int:
             requests=args.requests,
             warmup=max(0, args.warmup),
             timeout_s=args.timeout,
+            headers=tuple(args.headers),
         )
         report = asyncio.run(probe(paths, settings))
     except ProbeError as exc:

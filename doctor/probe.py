@@ -64,6 +64,7 @@ class ProbeSettings:
     requests: int = 3
     warmup: int = 1
     timeout_s: float = 120.0
+    headers: tuple[tuple[str, str], ...] = ()  # sent on every request, e.g. an API key
 
 
 @dataclass(slots=True)
@@ -150,7 +151,10 @@ async def probe(paths: Sequence[Path], settings: ProbeSettings) -> ProbeReport:
         raise ProbeError("give at least one URL")
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(
-        auto_decompress=False, connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+        auto_decompress=False,
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None),
+        headers=list(settings.headers),
     ) as session:
         model = settings.model or await discover_model(session, paths[0], settings.api)
         expected = FORMATS[settings.api]

@@ -13,6 +13,8 @@ import orjson
 import pytest
 
 from flushgate.cli import main
+from flushgate.config import Access, Config
+from flushgate.server import Server
 from tests.doctor_hops import CadenceEngine, Hop, hold_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +76,32 @@ async def test_probe_prints_a_table_and_draws_a_png(engine_and_holding_hop: tupl
     assert "buffering: 16 tokens arrived within" in text
     assert "token arrivals (one typical request per path):" in text
     assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+async def test_probe_sends_the_given_headers_so_a_gateway_with_keys_can_be_probed() -> None:
+    engine = CadenceEngine(tokens=8, step_s=0.02)
+    await engine.start()
+    gateway = Server(Config(upstream=engine.url, port=0, access=Access(api_keys=("doctor-test-key",))))
+    await gateway.start()
+    try:
+        url = f"http://127.0.0.1:{gateway.port}"
+        args = ["--requests", "1", "--warmup", "0", "--json", "--model", "cadence-model"]
+        code, out, err = await flushgate("doctor", "probe", f"engine={engine.url}", "--via", f"keyed={url}", *args)
+        assert code == 0, err.decode()
+        assert orjson.loads(out)["paths"][1]["verdict"] == "HTTP error"
+        keyed = [*args, "--header", "Authorization: Bearer doctor-test-key"]
+        code, out, err = await flushgate("doctor", "probe", f"engine={engine.url}", "--via", f"keyed={url}", *keyed)
+        assert code == 0, err.decode()
+        assert [p["verdict"] for p in orjson.loads(out)["paths"]] == ["clean", "clean"]
+    finally:
+        await gateway.stop()
+        await engine.stop()
+
+
+def test_probe_rejects_a_header_without_a_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["doctor", "probe", "http://127.0.0.1:1", "--header", "no colon here"])
+    assert "expected 'Name: value'" in capsys.readouterr().err
 
 
 def test_probe_rejects_a_url_it_cannot_use(capsys: pytest.CaptureFixture[str]) -> None:
