@@ -126,7 +126,7 @@ async def test_a_slow_reader_makes_the_client_the_dominant_hop(
     sock.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
     with capture_logs() as events:
-        writer.write(b"GET /v1/files/big HTTP/1.1\r\nHost: x\r\nX-Request-ID: slow-reader\r\nConnection: close\r\n\r\n")
+        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Request-ID: slow-reader\r\nConnection: close\r\n\r\n")
         await writer.drain()
         await reader.readuntil(b"\r\n\r\n")
         await asyncio.sleep(READER_PAUSE_S)  # the planted fault: a client that stops reading for a while
