@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from flushgate import __version__
 from flushgate.config import Access, Config, ConfigError, Limits, Timeouts, read_key_file
+from flushgate.doctor.cli import add_doctor_parser, run_doctor
 from flushgate.engine.presets import PRESETS
 from flushgate.logs import configure
 
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OTLP receiver and join it into the record (FLUSHGATE_ENGINE_TIMING)",
     )
     _add_access_and_limit_flags(serve)
+    add_doctor_parser(commands)
     return parser
 
 
@@ -234,6 +236,8 @@ def _run(coro: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "doctor":
+        return run_doctor(args)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
