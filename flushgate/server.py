@@ -96,6 +96,7 @@ class Server:
             hop_timing=config.hop_timing,
             timing_summary=config.timing_summary,
             log_content=config.log_content,
+            max_body_bytes=config.limits.max_body_bytes,
             ollama=OllamaSettings(thinking_aliases=parse_thinking_aliases(config.thinking_aliases)),
         )
         gateway_state.append(self.gateway)

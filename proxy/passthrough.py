@@ -91,7 +91,7 @@ async def _exchange(
         headers.popall("Content-Length", None)  # aiohttp sets the new body's length
         data = body
     elif request.body_exists:
-        data = _request_body(request, record, gateway.log_content)
+        data = _request_body(request, record, gateway.log_content, gateway.max_body_bytes)
     else:
         timings.body_done = timings.start
     timings.upstream_call = now()
@@ -104,10 +104,16 @@ async def _exchange(
             allow_redirects=False,
             trace_request_ctx=timings,
         )
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        record.outcome = "upstream_error"
+    except (aiohttp.ClientError, TimeoutError, BodyTooLarge) as exc:
+        too_large = _cause(exc, BodyTooLarge)
+        record.outcome = "rejected" if too_large else "upstream_error"
         record.error = repr(exc)
-        response = _upstream_failure(exc, base, record.request_id)
+        response = (
+            error_response(413, str(too_large), type_="invalid_request_error", code="request_too_large",
+                           headers={REQUEST_ID: record.request_id})
+            if too_large
+            else _upstream_failure(exc, base, record.request_id)
+        )  # fmt: skip
         record.status = response.status
         return response
 
@@ -121,12 +127,18 @@ async def _exchange(
             upstream.close()
 
 
-async def _request_body(request: web.Request, record: RequestRecord, keep: bool) -> AsyncIterator[bytes]:
+class BodyTooLarge(Exception):
+    """A streamed request body grew past the gateway's limit (a declared one is refused before it is read)."""
+
+
+async def _request_body(request: web.Request, record: RequestRecord, keep: bool, limit: int) -> AsyncIterator[bytes]:
     """The client's body as it arrives, noting its size, its end, and the model it names."""
     timings = record.timings
     kept = bytearray() if keep else None
     async for chunk in request.content.iter_any():
         timings.bytes_in += len(chunk)
+        if limit and timings.bytes_in > limit:
+            raise BodyTooLarge(f"the request body is over {limit} bytes, the most this gateway takes")
         if record.model is None and (found := MODEL_FIELD.search(chunk)):
             record.model = found.group(1).decode("utf-8", "replace")
         if kept is not None and len(kept) < CONTENT_CAP:
@@ -251,6 +263,16 @@ async def _end_broken_stream(
         )
     elif request.transport is not None:
         request.transport.close()
+
+
+def _cause(exc: BaseException, kind: type[BodyTooLarge]) -> BodyTooLarge | None:
+    """``exc`` or the error it was raised from, if of ``kind`` (aiohttp wraps what a request body raises)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _upstream_failure(exc: BaseException, base: str, request_id: str) -> web.Response:
