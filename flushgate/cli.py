@@ -19,7 +19,8 @@ from flushgate.cli_engines import (
     upstream_from_args,
     url_list,
 )
-from flushgate.config import Config, ConfigError, Timeouts
+from flushgate.config import Access, Config, ConfigError, Limits, Timeouts, read_key_file
+from flushgate.doctor.cli import add_doctor_parser, run_doctor
 from flushgate.engine.presets import PRESETS
 from flushgate.logs import configure
 
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "OTLP receiver and join it into the record (FLUSHGATE_ENGINE_TIMING)",
     )
     add_routing_flags(serve, _env)
+    _add_access_and_limit_flags(serve)
+    add_doctor_parser(commands)
     return parser
 
 
@@ -231,6 +234,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         hop_timing=args.hop_timing,
         timing_summary=args.timing_summary,
         engine_timing=args.engine_timing,
+        limits=_limits_from_args(args),
+        access=_access_from_args(args),
         thinking_aliases=args.thinking_aliases,
         engine_traces_port=args.engine_traces_port,
     ).validate()
@@ -247,6 +252,8 @@ def _run(coro: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "doctor":
+        return run_doctor(args)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -257,3 +264,113 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _run(serve(config))
     return 0
+
+
+def _comma_list(raw: str) -> list[str]:
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _add_access_and_limit_flags(serve: argparse.ArgumentParser) -> None:
+    limits = Limits()
+    access = serve.add_argument_group("access")
+    access.add_argument(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        metavar="KEY",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /healthz and /readyz; repeatable. The "
+        "variable FLUSHGATE_API_KEY takes a comma-separated list; prefer it or --api-key-file, since a key on "
+        "the command line is visible to every local user",
+    )
+    access.add_argument(
+        "--api-key-file",
+        default=_env("API_KEY_FILE", None, str),
+        metavar="FILE",
+        help="file of API keys, one per line, # comments allowed (FLUSHGATE_API_KEY_FILE)",
+    )
+    access.add_argument(
+        "--metrics-auth",
+        action=argparse.BooleanOptionalAction,
+        default=_env("METRICS_AUTH", False, _bool),
+        help="with API keys, /metrics needs a key too (FLUSHGATE_METRICS_AUTH)",
+    )
+    access.add_argument(
+        "--allow-route",
+        dest="allow_routes",
+        action="append",
+        metavar="PATH",
+        default=_env("ALLOW_ROUTE", _no_args, _comma_list),
+        help="also forward this engine route, e.g. /v1/load_lora_adapter; {name} matches one path segment and a "
+        "last /* the rest; repeatable. Only inference and listing routes are forwarded otherwise, see README "
+        "(FLUSHGATE_ALLOW_ROUTE, comma-separated)",
+    )
+    access.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        metavar="ORIGIN",
+        default=_env("CORS_ORIGIN", _no_args, _comma_list),
+        help="let browser pages from this origin call the API, e.g. https://chat.example.com, or * for any; "
+        "repeatable; none: no cross-origin access (FLUSHGATE_CORS_ORIGIN, comma-separated)",
+    )
+    bounds = serve.add_argument_group("limits")
+    bounds.add_argument(
+        "--max-body-bytes",
+        type=int,
+        metavar="N",
+        default=_env("MAX_BODY_BYTES", limits.max_body_bytes, int),
+        help="largest request body (by its Content-Length); larger ones get 413; 0 disables (FLUSHGATE_MAX_BODY_BYTES)",
+    )
+    bounds.add_argument(
+        "--max-header-bytes",
+        type=int,
+        metavar="N",
+        default=_env("MAX_HEADER_BYTES", limits.max_header_bytes, int),
+        help="longest request line or header line; longer ones get 400 (FLUSHGATE_MAX_HEADER_BYTES)",
+    )
+    bounds.add_argument(
+        "--max-headers",
+        type=int,
+        metavar="N",
+        default=_env("MAX_HEADERS", limits.max_headers, int),
+        help="most header lines in a request; more get 400 (FLUSHGATE_MAX_HEADERS)",
+    )
+    bounds.add_argument(
+        "--header-timeout",
+        type=float,
+        metavar="S",
+        default=_env("HEADER_TIMEOUT", limits.header_timeout, float),
+        help="seconds a connection may take to send a request's head, from opening or from the previous "
+        "answer; then it is closed (against slowloris; also the keep-alive idle time) (FLUSHGATE_HEADER_TIMEOUT)",
+    )
+    bounds.add_argument(
+        "--max-concurrent",
+        type=int,
+        metavar="N",
+        default=_env("MAX_CONCURRENT", limits.max_concurrent, int),
+        help="requests in flight at once; beyond it new ones get 429 with Retry-After instead of queueing; "
+        "0 disables (FLUSHGATE_MAX_CONCURRENT)",
+    )
+
+
+def _limits_from_args(args: argparse.Namespace) -> Limits:
+    return Limits(
+        max_body_bytes=args.max_body_bytes,
+        max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers,
+        header_timeout=args.header_timeout,
+        max_concurrent=args.max_concurrent,
+    )
+
+
+def _access_from_args(args: argparse.Namespace) -> Access:
+    keys = [*_env("API_KEY", _no_args, _comma_list), *(args.api_keys or [])]
+    if args.api_key_file:
+        keys += read_key_file(args.api_key_file)
+    return Access(
+        api_keys=tuple(dict.fromkeys(keys)),
+        metrics_auth=args.metrics_auth,
+        allow_routes=tuple(args.allow_routes),
+        cors_origins=tuple(args.cors_origins),
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -41,6 +42,27 @@ class Routing:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """What one client may send and hold; the defaults bound memory without getting in a normal client's way."""
+
+    max_body_bytes: int = 32 << 20  # a declared Content-Length above this is refused; 0: no limit
+    max_header_bytes: int = 8190  # the request line and each header line (aiohttp's own default)
+    max_headers: int = 128
+    header_timeout: float = 30.0  # a request's head must arrive within this (slowloris); also the keep-alive idle
+    max_concurrent: int = 0  # requests in flight before new ones get 429; 0: no cap
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """Who may use the gateway and which of the engine's routes it exposes."""
+
+    api_keys: tuple[str, ...] = ()  # none: no authentication
+    metrics_auth: bool = False  # /metrics needs a key too
+    allow_routes: tuple[str, ...] = ()  # engine routes forwarded beyond the inference and listing ones
+    cors_origins: tuple[str, ...] = ()  # none: no cross-origin browser access
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -62,6 +84,8 @@ class Config:
     hop_timing: bool = True
     timing_summary: bool = False
     engine_timing: bool = True  # managed engine: join vLLM's per-request spans into the record
+    limits: Limits = field(default_factory=Limits)
+    access: Access = field(default_factory=Access)
     engine_traces_port: int | None = None  # attach mode: receive an external vLLM's per-request spans here
     thinking_aliases: str = "think=on,nothink=off"  # Ollama model-name tags that switch Qwen3-style thinking
 
@@ -118,6 +142,8 @@ class Config:
             raise ConfigError("--idle-timeout must be positive (0 disables it)")
         if self.timeouts.drain < 0:
             raise ConfigError("--drain-timeout must not be negative")
+        _validate_limits(self.limits)
+        _validate_access(self.access)
         return self
 
     def _validate_routing(self) -> None:
@@ -151,3 +177,45 @@ class Config:
     def upstream_base(self) -> str | None:
         """The first (or only) attached engine."""
         return self.upstream_bases[0] if self.upstream is not None else None
+
+
+def _validate_limits(limits: Limits) -> None:
+    if limits.max_body_bytes < 0:
+        raise ConfigError("--max-body-bytes must not be negative (0 disables it)")
+    if limits.max_header_bytes < 256:
+        raise ConfigError("--max-header-bytes must be at least 256")
+    if limits.max_headers < 8:
+        raise ConfigError("--max-headers must be at least 8")
+    if limits.header_timeout <= 0:
+        raise ConfigError("--header-timeout must be positive")
+    if limits.max_concurrent < 0:
+        raise ConfigError("--max-concurrent must not be negative (0 disables it)")
+
+
+def _validate_access(access: Access) -> None:
+    if access.metrics_auth and not access.api_keys:
+        raise ConfigError("--metrics-auth needs at least one --api-key or --api-key-file")
+    for key in access.api_keys:
+        if not key or any(c.isspace() for c in key) or not key.isprintable():
+            raise ConfigError("an API key must be non-empty printable text without spaces")
+    for route in access.allow_routes:
+        if not route.startswith("/") or "?" in route or "#" in route:
+            raise ConfigError(f"--allow-route takes a path such as /v1/load_lora_adapter, got {route!r}")
+    for origin in access.cors_origins:
+        if origin == "*":
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
+            raise ConfigError(f"--cors-origin takes * or an origin such as https://chat.example.com, got {origin!r}")
+
+
+def read_key_file(path: str) -> tuple[str, ...]:
+    """API keys from a file: one per line; blank lines and lines starting with # are skipped."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --api-key-file {path}: {exc.strerror or exc}") from None
+    keys = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    if not keys:
+        raise ConfigError(f"--api-key-file {path} holds no key")
+    return keys

@@ -144,6 +144,7 @@ class Server:
             hop_timing=config.hop_timing,
             timing_summary=config.timing_summary,
             log_content=config.log_content,
+            max_body_bytes=config.limits.max_body_bytes,
             ollama=OllamaSettings(thinking_aliases=parse_thinking_aliases(config.thinking_aliases)),
         )
         gateway_state.append(self.gateway)
@@ -170,8 +171,17 @@ class Server:
             self.health_checker.start()
         # handler_cancellation: a client that goes away cancels its handler, which closes the upstream request,
         # even while a non-streamed request is still waiting for the engine's answer.
+        # The header limits and the head-read timeout act in aiohttp's HTTP parser, before any handler runs.
+        limits = config.limits
         self._runner = web.AppRunner(
-            build_app(self.gateway), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+            build_app(self.gateway, config.access, limits),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=1.0,
+            max_line_size=limits.max_header_bytes,
+            max_field_size=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+            keepalive_timeout=limits.header_timeout,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.host, config.port, backlog=1024)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from flushgate.config import Access, Limits
 from flushgate.proxy.chat_page import add_page_assets, chat_root
 from flushgate.proxy.errors import error_response
 from flushgate.proxy.health import healthz, readyz
@@ -12,6 +13,7 @@ from flushgate.proxy.model_aliases import add_model_aliases
 from flushgate.proxy.ollama.api import add_ollama_routes
 from flushgate.proxy.ollama.models import ModelRegistry
 from flushgate.proxy.passthrough import forward
+from flushgate.proxy.security import install_guards
 from flushgate.proxy.state import GATEWAY, Gateway
 
 # The OpenAI-compatible surface vLLM serves; forwarded byte for byte.
@@ -32,9 +34,10 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def build_app(gateway: Gateway) -> web.Application:
+def build_app(gateway: Gateway, access: Access | None = None, limits: Limits | None = None) -> web.Application:
     app = web.Application()
     app[GATEWAY] = gateway
+    install_guards(app, access or Access(), limits or Limits(), forward)
     router = app.router
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)

@@ -100,7 +100,10 @@ async def _exchange(
         headers.popall("Content-Length", None)  # aiohttp sets the new body's length
         outgoing = OutgoingBody(body, None)
     elif request.body_exists and router.several:
-        outgoing = await read_ahead(_request_body(request, record, gateway.log_content))
+        try:
+            outgoing = await read_ahead(_request_body(request, record, gateway.log_content, gateway.max_body_bytes))
+        except BodyTooLarge as exc:
+            return _too_large(record, exc, exc)
     elif not request.body_exists:
         timings.body_done = timings.start
     key: int | None = None
@@ -140,7 +143,7 @@ async def _attempt(
     if body is not None:
         data = body.payload()
     elif request.body_exists:
-        data = _request_body(request, record, gateway.log_content)
+        data = _request_body(request, record, gateway.log_content, gateway.max_body_bytes)
     try:
         upstream = await gateway.session.request(
             request.method,
@@ -150,7 +153,10 @@ async def _attempt(
             allow_redirects=False,
             trace_request_ctx=record.timings,
         )
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientError, TimeoutError, BodyTooLarge) as exc:
+        too_large = _cause(exc, BodyTooLarge)
+        if too_large:  # the client's fault, not the engine's: no failover, nothing held against the engine
+            return _too_large(record, too_large, exc)
         connect = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
         router.failed(member, "connect" if connect else "broken")
         if _may_retry(router, record, body, [*tried, member]):
@@ -199,12 +205,26 @@ def _no_engine(router: Router, record: RequestRecord) -> web.Response:
     )
 
 
-async def _request_body(request: web.Request, record: RequestRecord, keep: bool) -> AsyncIterator[bytes]:
+def _too_large(record: RequestRecord, reason: BodyTooLarge, raised: BaseException) -> web.Response:
+    record.outcome = "rejected"
+    record.error = repr(raised)
+    record.status = 413
+    headers = {REQUEST_ID: record.request_id}
+    return error_response(413, str(reason), type_="invalid_request_error", code="request_too_large", headers=headers)
+
+
+class BodyTooLarge(Exception):
+    """A streamed request body grew past the gateway's limit (a declared one is refused before it is read)."""
+
+
+async def _request_body(request: web.Request, record: RequestRecord, keep: bool, limit: int) -> AsyncIterator[bytes]:
     """The client's body as it arrives, noting its size, its end, and the model it names."""
     timings = record.timings
     kept = bytearray() if keep else None
     async for chunk in request.content.iter_any():
         timings.bytes_in += len(chunk)
+        if limit and timings.bytes_in > limit:
+            raise BodyTooLarge(f"the request body is over {limit} bytes, the most this gateway takes")
         if record.model is None and (found := MODEL_FIELD.search(chunk)):
             record.model = found.group(1).decode("utf-8", "replace")
         if kept is not None and len(kept) < CONTENT_CAP:
@@ -236,14 +256,16 @@ async def _relay(
         hops = gateway.hop_timing
         separator = b"\n\n" if kind == "sse" else b"\n"
         token_seen = kind is None or not hops  # only event streams are searched for their first token
+        last = b""
         while True:
             try:
                 chunk = await read()
             except (aiohttp.ClientError, TimeoutError) as exc:
-                await _end_broken_stream(request, response, upstream, gateway, record, exc)
+                await _end_broken_stream(request, response, upstream, gateway, record, exc, last)
                 return response
             if not chunk:
                 break
+            last = chunk
             timings.bytes_out += len(chunk)
             if kept is not None and len(kept) < CONTENT_CAP:
                 kept += chunk[: CONTENT_CAP - len(kept)]
@@ -302,6 +324,7 @@ async def _end_broken_stream(
     gateway: Gateway,
     record: RequestRecord,
     exc: BaseException,
+    last: bytes,
 ) -> None:
     """Make an unfinished upstream body unmistakable to the client.
 
@@ -320,9 +343,23 @@ async def _end_broken_stream(
         code = "upstream_disconnected"
     kind = stream_kind(upstream.headers.get("Content-Type"))
     if kind is not None:
-        await response.write(terminal_event(kind, message, code))
+        separator = b"\n\n" if kind == "sse" else b"\n"
+        # An event cut in the middle is closed first, so the error is an event of its own.
+        await response.write(
+            (separator if last and not last.endswith(separator) else b"") + terminal_event(kind, message, code)
+        )
     elif request.transport is not None:
         request.transport.close()
+
+
+def _cause(exc: BaseException, kind: type[BodyTooLarge]) -> BodyTooLarge | None:
+    """``exc`` or the error it was raised from, if of ``kind`` (aiohttp wraps what a request body raises)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _upstream_failure(exc: BaseException, base: str, request_id: str) -> web.Response:

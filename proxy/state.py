@@ -26,6 +26,7 @@ class Gateway:
     hop_timing: bool = True  # per-chunk timestamps for the record and metrics
     timing_summary: bool = False  # end every event stream with a ': flushgate-timing {...}' comment
     log_content: bool = False  # prompts and completions in the record
+    max_body_bytes: int = 0  # a streamed (chunked) request body is cut off above this; 0: no limit
     draining: bool = False
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import orjson
@@ -201,3 +201,34 @@ async def test_official_openai_client_raises_on_a_broken_stream(fake: FakeUpstre
     finally:
         await client.close()
     assert received == ["Hello"]
+
+
+async def test_upstream_death_in_the_middle_of_an_event_still_ends_with_a_whole_error_event(
+    fake: FakeUpstream, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    fake.handler = dies_after([sse_chunk("Hello"), b'data: {"choices": [{"delta": {"content": "par'])
+    async with http.post(gateway_url + "/v1/chat/completions", data=b"{}") as resp:
+        body = await asyncio.wait_for(resp.read(), GUARD_S)
+    events = body.split(b"\n\n")
+    assert events[-1] == b""  # the stream ends on an event boundary
+    assert events[1] == b'data: {"choices": [{"delta": {"content": "par'  # the cut event, closed as it was
+    assert orjson.loads(events[2].removeprefix(b"data: "))["error"]["code"] == "upstream_disconnected"
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_with_413(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    from flushgate.config import Limits
+
+    async def upload() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 200  # no Content-Length: only counting the bytes can catch it
+
+    server = Server(Config(upstream=fake.url, port=0, limits=Limits(max_body_bytes=1000)))
+    await server.start()
+    try:
+        async with http.post(f"http://127.0.0.1:{server.port}/v1/completions", data=upload()) as resp:
+            assert resp.status == 413
+            assert (await resp.json())["error"]["code"] == "request_too_large"
+    finally:
+        await server.stop()

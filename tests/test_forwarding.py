@@ -21,7 +21,7 @@ from tests.fakes import FakeUpstream
         ("POST", "/tokenize"),
         ("POST", "/detokenize"),
         ("GET", "/version"),
-        ("DELETE", "/v1/files/abc%2Fdef?purpose=x%20y&a=1&a=2"),
+        ("DELETE", "/v1/responses/resp-abc%20def?purpose=x%20y&a=1&a=2"),
     ],
 )
 async def test_method_raw_path_query_and_body_reach_upstream_unchanged(

@@ -99,7 +99,7 @@ async def test_a_slow_client_reader_shows_as_time_blocked_writing(
     sock.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
     with capture_logs() as logs:
-        writer.write(b"GET /v1/files/big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         await writer.drain()
         await reader.readuntil(b"\r\n\r\n")
         await asyncio.sleep(planted_s)  # the planted slowness: a reader that stops reading for half a second

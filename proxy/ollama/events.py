@@ -43,6 +43,14 @@ class EngineEvents:
     def read(self, data: bytes, stamp_ns: int) -> tuple[str, str]:
         """The (answer text, thinking text) this event adds; both empty for events that add none."""
         try:
+            return self._read(data, stamp_ns)
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:  # JSON of the wrong shape
+            raise EngineStreamError(
+                f"the engine sent an event of an unexpected shape ({exc}): {data[:200]!r}"
+            ) from None
+
+    def _read(self, data: bytes, stamp_ns: int) -> tuple[str, str]:
+        try:
             event = orjson.loads(data)
         except orjson.JSONDecodeError:
             raise EngineStreamError(f"the engine sent an event that is not JSON: {data[:200]!r}") from None

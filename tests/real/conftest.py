@@ -128,7 +128,11 @@ def start_managed(model_dir: Path = MODEL_DIR, *args: str) -> GatewayProcess:
     if model_dir == MODEL_DIR and not model_dir.exists():
         ensure_smollm2(model_dir)
     gateway = GatewayProcess("--model", str(model_dir), "--preset", "cpu", *args)
-    gateway.wait_event("engine_ready")
+    try:
+        gateway.wait_event("engine_ready")
+    except BaseException:
+        gateway.stop()  # never leave a gateway and its engine behind
+        raise
     return gateway
 
 

@@ -135,7 +135,10 @@ async def test_version_parses_as_integers(gateway_url: str) -> None:
 
 
 async def test_each_engine_event_becomes_one_line(qwen3_gateway: GatewayProcess, gateway_url: str) -> None:
-    """Same request to the engine and through the gateway: one NDJSON line per event with text, plus the final."""
+    """Same request to the engine and through the gateway: the same text, each line carrying text, then the final.
+
+    (How many events vLLM emits for the same tokens can differ between two runs, as it may put several tokens in
+    one event; the one-line-per-event mapping itself is proven in lock-step against the fake engine.)"""
     engine_body = {
         "model": MODEL,
         "messages": USER,
@@ -151,8 +154,15 @@ async def test_each_engine_event_becomes_one_line(qwen3_gateway: GatewayProcess,
         body = {"model": MODEL, "messages": USER, "think": True}
         async with http.post(gateway_url + "/api/chat", json=body) as resp:
             lines = [json.loads(line) for line in (await resp.text()).splitlines()]
-    assert len(lines) == len(text_events) + 1
-    assert [line["done"] for line in lines] == [False] * len(text_events) + [True]
+    assert [line["done"] for line in lines] == [False] * (len(lines) - 1) + [True]
+    assert all(line["message"].get("content") or line["message"].get("thinking") for line in lines[:-1])
+    engine_text = "".join(
+        (e["choices"][0]["delta"].get("reasoning") or "") + (e["choices"][0]["delta"].get("content") or "")
+        for e in text_events
+    )
+    gateway_text = "".join((m["message"].get("thinking") or "") + (m["message"].get("content") or "") for m in lines)
+    assert gateway_text == engine_text
+    assert 1 <= len(lines) - 1 <= len(text_events) + 2
 
 
 def _has_text(delta: dict[str, Any]) -> bool:

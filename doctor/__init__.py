@@ -1,0 +1,1 @@
+"""``flushgate doctor``: find the hop that holds a token stream back, from measured arrival times."""
