@@ -124,6 +124,7 @@ class Bench:
         self.cells: dict[str, dict[str, Cell]] = {s.name: {} for s in args.scenarios}
         self.targets: list[Target] = []
         self.engine: Target | None = None
+        self.more_engines: list[Target] = []  # with --engines N: the other N-1, behind flushgate and nginx only
         self.skipped: dict[str, str] = {}
         self.orders: list[list[str]] = []
         self.api_key = "sk-" + secrets.token_hex(32)  # LiteLLM's master key, sent to every target alike
@@ -135,25 +136,28 @@ class Bench:
         args = self.args
         self.engine = start_engine(self.workdir, args.load_cpu)
         engine_port = self.engine.port
-        self.log(f"fake engine on port {engine_port}")
+        self.more_engines = [start_engine(self.workdir, args.load_cpu) for _ in range(args.engines - 1)]
+        # engine-direct (the baseline) and LiteLLM use the first engine; flushgate and nginx spread over all.
+        pool = [engine_port, *(e.port for e in self.more_engines)] if self.more_engines else engine_port
+        self.log(f"fake engine on port {engine_port}" + "".join(f", {e.port}" for e in self.more_engines))
         starters: dict[str, Callable[[], Target]] = {
             DIRECT: lambda: Target(DIRECT, engine_port, version="fake engine (raw asyncio)"),
             FLUSHGATE: lambda: start_flushgate(
                 self.workdir,
-                engine_port,
+                pool,
                 args.proxy_cpu,
                 None if args.flushgate_log == "devnull" else self.workdir / "flushgate.log",
                 args.flushgate_args.split(),
             ),
             FLUSHGATE_NO_HOP: lambda: start_flushgate(
                 self.workdir,
-                engine_port,
+                pool,
                 args.proxy_cpu,
                 None if args.flushgate_log == "devnull" else self.workdir / "flushgate-no-hop.log",
                 [*args.flushgate_args.split(), "--no-hop-timing"],
                 name=FLUSHGATE_NO_HOP,
             ),
-            NGINX: lambda: start_nginx(self.workdir, engine_port, args.proxy_cpu, args.nginx),
+            NGINX: lambda: start_nginx(self.workdir, pool, args.proxy_cpu, args.nginx),
             LITELLM: lambda: start_litellm(
                 self.workdir,
                 engine_port,
@@ -175,13 +179,14 @@ class Bench:
             self.targets.append(target)
 
     def stop(self) -> None:
-        for target in [*self.targets, *([self.engine] if self.engine else [])]:
+        for target in [*self.targets, *([self.engine] if self.engine else []), *self.more_engines]:
             target.stop()
 
     def _measure_one(self, target: Target, scenario: Scenario) -> None:
         assert self.engine is not None
         assert self.engine.process is not None
-        wait_quiet([self.engine.process.pid] + ([target.process.pid] if target.process is not None else []))
+        engines = [self.engine.process.pid, *(e.process.pid for e in self.more_engines if e.process is not None)]
+        wait_quiet(engines + ([target.process.pid] if target.process is not None else []))
         cpu_before = target.cpu_seconds()
         ours_before = tree_cpu_seconds(os.getpid())
         busy_before, window_start = machine_busy_seconds(), time.monotonic()
@@ -256,6 +261,7 @@ class Bench:
                 "proxy_cpu": self.args.proxy_cpu,
                 "nice": self.args.nice_applied,
             },
+            "engines": self.args.engines,
             "versions": {t.name: t.version for t in self.targets},
             "not_measured": self.skipped,
             "flushgate": {
@@ -293,6 +299,7 @@ def write_outputs(out: Path, data: dict[str, Any], plot: bool) -> None:
         f"Load generator and fake engine on CPU {pin['load_and_engine_cpu']}, proxy on CPU {pin['proxy_cpu']}, all at "
         f"nice {pin['nice']}; {data['rounds']} rounds, the order of proxies rotated each round.",
         "",
+        *_engines_note(data.get("engines", 1)),
         "Versions: " + "; ".join(f"{k}: {v}" for k, v in data["versions"].items()) + ".",
         "",
     ]
@@ -307,6 +314,17 @@ def write_outputs(out: Path, data: dict[str, Any], plot: bool) -> None:
         from flushgate.bench.plot import plot_results
 
         plot_results(data, out / "results.png")
+
+
+def _engines_note(engines: int) -> list[str]:
+    if engines <= 1:
+        return []
+    return [
+        f"{engines} fake engines (each its own process, beside the load generator): flushgate and nginx spread the "
+        f"streams over all of them (flushgate's least-outstanding routing, nginx's least_conn); the engine-direct "
+        f"baseline and LiteLLM use the first.",
+        "",
+    ]
 
 
 def markdown_checks_from(data: dict[str, Any]) -> str:
@@ -339,6 +357,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--targets", nargs="+", default=[DIRECT, FLUSHGATE, FLUSHGATE_NO_HOP, NGINX, LITELLM], help="names to measure"
     )
     parser.add_argument("--scenarios", nargs="+", default=[s.name for s in SCENARIOS])
+    parser.add_argument(
+        "--engines", type=int, default=1, help="fake engines behind flushgate and nginx (several: routing across them)"
+    )
     parser.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
     parser.add_argument("--litellm", default=".venv-litellm/bin/litellm")
     parser.add_argument(
@@ -356,6 +377,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown scenarios {unknown}; known: {list(known)}")
     args.scenarios = [known[n] for n in args.scenarios]
+    if args.engines < 1:
+        parser.error("--engines must be at least 1")
     args.load_cpu, args.proxy_cpu = (0, 1) if cores >= 2 else (None, None)
     return args
 

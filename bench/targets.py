@@ -130,22 +130,23 @@ def start_engine(workdir: Path, cpu: int | None) -> Target:
 
 def start_flushgate(
     workdir: Path,
-    engine_port: int,
+    engine_port: int | Sequence[int],
     cpu: int | None,
     log_to: Path | None,
     extra_args: Sequence[str] = (),
     name: str = "flushgate",
 ) -> Target:
+    """flushgate attached to the engine, or to each of several engines (one ``--upstream`` per port)."""
     port = free_port()
     log_path = log_to or Path(os.devnull)
+    ports = [engine_port] if isinstance(engine_port, int) else list(engine_port)
     command = pinned(
         [
             sys.executable,
             "-m",
             "flushgate",
             "serve",
-            "--upstream",
-            f"http://{HOST}:{engine_port}",
+            *(arg for each in ports for arg in ("--upstream", f"http://{HOST}:{each}")),
             "--host",
             HOST,
             "--port",
@@ -183,8 +184,7 @@ http {{
     uwsgi_temp_path {workdir}/uwsgi_temp;
     scgi_temp_path {workdir}/scgi_temp;
     upstream engine {{
-        server {host}:{engine_port};
-        keepalive 512;
+{servers}        keepalive 512;
     }}
     server {{
         listen {host}:{port} backlog=4096;
@@ -201,9 +201,15 @@ http {{
 """
 
 
-def nginx_config(workdir: Path, engine_port: int, port: int) -> str:
-    """A reverse proxy with buffering off and a keep-alive HTTP/1.1 pool to the engine: the C reference."""
-    return NGINX_CONF.format(workdir=workdir, host=HOST, engine_port=engine_port, port=port)
+def nginx_config(workdir: Path, engine_port: int | Sequence[int], port: int) -> str:
+    """A reverse proxy with buffering off and a keep-alive HTTP/1.1 pool to the engine: the C reference.
+
+    With several engines, nginx's ``least_conn`` spreads the streams, as flushgate's least-outstanding does."""
+    ports = [engine_port] if isinstance(engine_port, int) else list(engine_port)
+    servers = "".join(f"        server {HOST}:{each};\n" for each in ports)
+    if len(ports) > 1:
+        servers = "        least_conn;\n" + servers
+    return NGINX_CONF.format(workdir=workdir, host=HOST, servers=servers, port=port)
 
 
 def _version(command: list[str]) -> str:
@@ -215,7 +221,7 @@ def _version(command: list[str]) -> str:
     return text[-1] if text else "unknown"
 
 
-def start_nginx(workdir: Path, engine_port: int, cpu: int | None, nginx: str) -> Target:
+def start_nginx(workdir: Path, engine_port: int | Sequence[int], cpu: int | None, nginx: str) -> Target:
     port = free_port()
     conf = workdir / "nginx.conf"
     conf.write_text(nginx_config(workdir, engine_port, port))

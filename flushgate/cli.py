@@ -11,6 +11,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from flushgate import __version__
+from flushgate.cli_engines import (
+    RepeatableFlag,
+    add_managed_engine_flags,
+    add_routing_flags,
+    routing_from_args,
+    upstream_from_args,
+    url_list,
+)
 from flushgate.config import Access, Config, ConfigError, Limits, Timeouts, read_key_file
 from flushgate.doctor.cli import add_doctor_parser, run_doctor
 from flushgate.engine.presets import PRESETS
@@ -66,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Timeouts()
     serve.add_argument(
         "--upstream",
-        default=_env("UPSTREAM", None, str),
+        action=RepeatableFlag,
+        default=_env("UPSTREAM", None, url_list),
         metavar="URL",
-        help="engine to forward to, e.g. http://127.0.0.1:8001 (FLUSHGATE_UPSTREAM)",
+        help="engine to forward to, e.g. http://127.0.0.1:8001; repeat it for several engines "
+        "(FLUSHGATE_UPSTREAM, several separated by commas)",
     )
     engine = serve.add_argument_group("managed engine (with --model)")
     engine.add_argument(
@@ -118,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with console logs, the file for the engine's own lines; default "
         ".cache/flushgate/engine.log (FLUSHGATE_ENGINE_LOG)",
     )
+    add_managed_engine_flags(engine, _env)
     serve.add_argument(
         "--host",
         default=_env("HOST", "127.0.0.1", str),
@@ -195,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="managed engine: have vLLM export its per-request timing (queue, prefill, decode) to a private "
         "OTLP receiver and join it into the record (FLUSHGATE_ENGINE_TIMING)",
     )
+    add_routing_flags(serve, _env)
     _add_access_and_limit_flags(serve)
     add_doctor_parser(commands)
     return parser
@@ -204,7 +216,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
         host=args.host,
         port=args.port,
-        upstream=args.upstream,
+        upstream=upstream_from_args(args),
+        upstream_dns=args.upstream_dns,
+        engines=args.engines,
+        gpus=args.gpus,
+        routing=routing_from_args(args),
         model=args.model,
         preset=args.preset,
         engine_args=tuple(arg for value in args.engine_args for arg in shlex.split(value)),

@@ -8,6 +8,8 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 LogFormat = Literal["auto", "json", "console"]
+RoutingMode = Literal["least-outstanding", "prefix-affinity"]
+ROUTING_MODES: tuple[RoutingMode, ...] = ("least-outstanding", "prefix-affinity")
 
 
 class ConfigError(ValueError):
@@ -24,6 +26,19 @@ class Timeouts:
     connect: float = 5.0
     idle: float | None = 600.0  # between upstream reads; None disables it
     drain: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """How several engines share the load and what takes one out of rotation (see proxy/router.py)."""
+
+    mode: RoutingMode = "least-outstanding"
+    affinity_load_factor: float = 1.5
+    retries: int = 2
+    health_interval: float = 2.0  # seconds between active checks of every engine; 0 turns them off
+    eject_after: int = 3  # 5xx answers or broken streams in a row
+    eject_time: float = 10.0
+    dns_interval: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +66,11 @@ class Access:
 class Config:
     host: str = "127.0.0.1"
     port: int = 8000
-    upstream: str | None = None
+    upstream: str | tuple[str, ...] | None = None  # one URL, or several
+    upstream_dns: str | None = None  # NAME:PORT or an SRV name: engines found in DNS, looked up again and again
+    engines: int = 1  # managed engines
+    gpus: tuple[str, ...] | None = None  # GPUs to spread managed engines over; None: those visible
+    routing: Routing = field(default_factory=Routing)
     model: str | None = None
     preset: str | None = None
     engine_args: tuple[str, ...] = ()
@@ -71,10 +90,18 @@ class Config:
     thinking_aliases: str = "think=on,nothink=off"  # Ollama model-name tags that switch Qwen3-style thinking
 
     def validate(self) -> Config:
-        if (self.upstream is None) == (self.model is None):
+        sources = sum(x is not None for x in (self.upstream, self.upstream_dns, self.model))
+        if sources != 1 and self.upstream_dns is not None:
+            raise ConfigError("give exactly one of --upstream URL, --upstream-dns NAME:PORT or --model DIR")
+        if sources != 1:
             raise ConfigError("give exactly one of --upstream URL (attach to an engine) or --model DIR (manage one)")
         if self.model is None and (self.preset or self.engine_args or self.served_model_name):
             raise ConfigError("--preset, --engine-arg and --served-model-name need --model (a managed engine)")
+        if self.model is None and (self.engines != 1 or self.gpus is not None):
+            raise ConfigError("--engines and --gpus need --model (managed engines)")
+        if self.engines < 1:
+            raise ConfigError(f"--engines must be at least 1, got {self.engines}")
+        self._validate_routing()
         if self.preset is not None:
             from flushgate.engine.presets import PRESETS
 
@@ -90,12 +117,23 @@ class Config:
             raise ConfigError(f"--engine-traces-port must be 1..65535, got {self.engine_traces_port}")
         if self.engine_grace < 0:
             raise ConfigError("--engine-grace must not be negative")
-        if self.upstream is not None:
-            parts = urlsplit(self.upstream)
+        if self.upstream is not None and not self.upstreams:
+            raise ConfigError("--upstream needs at least one URL")
+        for upstream in self.upstreams:
+            parts = urlsplit(upstream)
             if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ConfigError(f"--upstream must be an http(s)://HOST:PORT URL, got {self.upstream!r}")
+                raise ConfigError(f"--upstream must be an http(s)://HOST:PORT URL, got {upstream!r}")
             if parts.path not in ("", "/") or parts.query:
-                raise ConfigError(f"--upstream takes no path or query, got {self.upstream!r}")
+                raise ConfigError(f"--upstream takes no path or query, got {upstream!r}")
+        if len(set(self.upstream_bases)) != len(self.upstream_bases):
+            raise ConfigError(f"--upstream names an engine twice: {', '.join(self.upstreams)}")
+        if self.upstream_dns is not None:
+            from flushgate.proxy.discovery import DnsTarget
+
+            try:
+                DnsTarget.parse(self.upstream_dns)
+            except ValueError as exc:
+                raise ConfigError(f"--upstream-dns: {exc}") from None
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0..65535, got {self.port}")
         if self.timeouts.connect <= 0:
@@ -108,9 +146,37 @@ class Config:
         _validate_access(self.access)
         return self
 
+    def _validate_routing(self) -> None:
+        r = self.routing
+        if r.mode not in ROUTING_MODES:
+            raise ConfigError(f"--routing must be one of {', '.join(ROUTING_MODES)}, got {r.mode!r}")
+        if not r.affinity_load_factor >= 1:
+            raise ConfigError("--affinity-load-factor must be at least 1 (1: never above the average load)")
+        if r.retries < 0:
+            raise ConfigError("--retries must not be negative")
+        if r.health_interval < 0:
+            raise ConfigError("--health-interval must not be negative (0 turns active checks off)")
+        if r.eject_after < 1:
+            raise ConfigError("--eject-after must be at least 1")
+        if r.eject_time < 0:
+            raise ConfigError("--eject-time must not be negative")
+        if r.dns_interval <= 0:
+            raise ConfigError("--dns-interval must be positive")
+
+    @property
+    def upstreams(self) -> tuple[str, ...]:
+        if self.upstream is None:
+            return ()
+        return (self.upstream,) if isinstance(self.upstream, str) else self.upstream
+
+    @property
+    def upstream_bases(self) -> tuple[str, ...]:
+        return tuple(url.rstrip("/") for url in self.upstreams)
+
     @property
     def upstream_base(self) -> str | None:
-        return None if self.upstream is None else self.upstream.rstrip("/")
+        """The first (or only) attached engine."""
+        return self.upstream_bases[0] if self.upstream is not None else None
 
 
 def _validate_limits(limits: Limits) -> None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from flushgate.proxy.router import Router
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 CHUNK_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1)
@@ -50,10 +54,49 @@ class CallbackCounter(Collector):
         yield CounterMetricFamily(self.name, self.documentation, value=self.value())
 
 
+class EnginePoolCollector(Collector):
+    """Per-engine state read from the router at scrape time, so engines that left the pool leave the gauges."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        outstanding = GaugeMetricFamily(
+            "flushgate_engine_outstanding_requests", "Requests open on the engine now.", labels=["engine"]
+        )
+        in_rotation = GaugeMetricFamily(
+            "flushgate_engine_in_rotation",
+            "1 while the engine takes new requests; 0 while it is ejected, failing its checks, loading or stopping.",
+            labels=["engine"],
+        )
+        ejections = CounterMetricFamily(
+            "flushgate_engine_ejections", "Times the engine was taken out of rotation by failures.", labels=["engine"]
+        )
+        picks = CounterMetricFamily(
+            "flushgate_engine_routing_decisions",
+            "Attempts routed to the engine, by why it was chosen (affinity, affinity_overflow, least_outstanding, "
+            "panic: every engine was out of rotation).",
+            labels=["engine", "reason"],
+        )
+        now = self.router.pool.clock()
+        for member in self.router.pool.members:
+            outstanding.add_metric([member.url], member.outstanding)
+            in_rotation.add_metric([member.url], 1.0 if member.available(now) else 0.0)
+            ejections.add_metric([member.url], member.ejections)
+            for reason, count in member.picks.items():
+                picks.add_metric([member.url, reason], count)
+        yield from (outstanding, in_rotation, ejections, picks)
+
+
 class Metrics:
     """One registry per gateway (no global state), exposed at ``/metrics``."""
 
-    def __init__(self, inflight: Callable[[], float], engine_restarts: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        inflight: Callable[[], float],
+        engine_restarts: Callable[[], float] | None = None,
+        router: Router | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram(
@@ -82,6 +125,22 @@ class Metrics:
         )
         r.register(self.gap)
         r.register(self.chunk)
+        self.engine_requests = Counter(
+            "flushgate_engine_requests", "Requests by the engine that served them and outcome.",
+            ["engine", "outcome"], registry=r,
+        )  # fmt: skip
+        self.engine_ttft = Histogram(
+            "flushgate_engine_time_to_first_token_seconds",
+            "From request received to the first generated token written to the client, by engine.",
+            ["engine"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.engine_failovers = Counter(
+            "flushgate_engine_failovers",
+            "Attempts that failed on the engine before anything reached the client, and went to another engine.",
+            ["engine"], registry=r,
+        )  # fmt: skip
+        if router is not None:
+            r.register(EnginePoolCollector(router))
         Gauge("flushgate_inflight_requests", "Requests being served now.", registry=r).set_function(inflight)
         if engine_restarts is not None:
             r.register(

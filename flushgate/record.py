@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flushgate.engine_timing import EngineSplit
@@ -26,6 +26,8 @@ class RequestRecord:
     error: str | None = None
     engine: EngineSplit | None = None
     content: dict[str, str] | None = None  # prompt and completion, only with --log-content
+    served_by: str | None = None  # the engine (base URL) that answered, or the last one tried
+    failover: list[dict[str, str]] = field(default_factory=list)  # engines tried first, failed before any byte
 
     def wants_engine_split(self) -> bool:
         """Only generation requests that reached the engine have a vLLM span to wait for."""
@@ -45,7 +47,9 @@ class RequestRecord:
             return None
         total = t.end - t.start
         client = (t.body_done - t.start if t.body_done else 0.0) + t.write_blocked
-        gateway = (t.upstream_call - t.start if t.upstream_call else total - client) + max(
+        # A body read ahead (several engines) ends before the engine is called: that wait is the client's.
+        called_after = t.body_done if 0 < t.body_done <= t.upstream_call else t.start
+        gateway = (t.upstream_call - called_after if t.upstream_call else total - client) + max(
             0.0, sum(t.handling) - t.write_blocked
         )
         parts = {"client_link_ms": client, "gateway_ms": gateway}
@@ -75,8 +79,11 @@ class RequestRecord:
             "status": self.status,
             "outcome": self.outcome,
             "error": self.error,
+            "engine": self.served_by,
             **t.summary(),
         }
+        if self.failover:
+            out["failover"] = self.failover
         tokens = self.tokens()
         out["tokens"] = tokens
         if self.engine is not None and self.engine.decode_s > 0 and tokens and tokens > 1:

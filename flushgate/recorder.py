@@ -46,6 +46,12 @@ class Recorder:
             m.upstream_ttfb.labels(api).observe(t.upstream_headers - t.start)
         if t.first_token:
             m.ttft.labels(api).observe(t.first_token - t.start)
+        if record.served_by is not None:
+            m.engine_requests.labels(record.served_by, outcome).inc()
+            if t.first_token:
+                m.engine_ttft.labels(record.served_by).observe(t.first_token - t.start)
+        for attempt in record.failover:
+            m.engine_failovers.labels(attempt["engine"]).inc()
         m.gap.observe_many(t.gaps())
         m.chunk.observe_many(t.handling)
         record.emit(self.log)

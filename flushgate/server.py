@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 
 from flushgate import __version__
 from flushgate.config import Config
 from flushgate.engine.backend import EngineBackend
 from flushgate.engine.command import build_spec
+from flushgate.engine.placement import place_engines, visible_gpus
 from flushgate.engine.presets import get_preset
 from flushgate.engine.supervisor import EngineSupervisor
 from flushgate.engine_output import EngineOutput, show_progress
@@ -21,58 +25,97 @@ from flushgate.engine_timing import EngineTimings, OtlpReceiver
 from flushgate.logs import get_logger, is_console
 from flushgate.metrics import Metrics
 from flushgate.proxy.app import build_app
+from flushgate.proxy.discovery import DnsDiscovery, DnsTarget, SrvLookup, dnspython_srv
+from flushgate.proxy.health_checks import HealthChecker
 from flushgate.proxy.ollama.settings import OllamaSettings, parse_thinking_aliases
 from flushgate.proxy.passthrough import connection_tracing
+from flushgate.proxy.pool import Ejection, EnginePool
+from flushgate.proxy.router import Router, RoutingPolicy
 from flushgate.proxy.state import Gateway
 from flushgate.proxy.upstream import AttachedBackend, Backend, open_session
 from flushgate.recorder import Recorder
+
+HEALTH_CHECK_TIMEOUT_S = 2.0
 
 
 class Server:
     """Owns the listening socket, the upstream session and the drain on shutdown."""
 
-    def __init__(self, config: Config, backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend | None = None,
+        *,
+        resolver: AbstractResolver | None = None,
+        srv_lookup: SrvLookup = dnspython_srv,
+    ) -> None:
         self.config = config.validate()
         self.log: Any = get_logger("gateway")
         self._backend = backend
+        self._resolver = resolver  # DNS discovery's address lookups; default: the system's (getaddrinfo)
+        self._srv_lookup = srv_lookup
         self._runner: web.AppRunner | None = None
         self.gateway: Gateway | None = None
-        self.supervisor: EngineSupervisor | None = None
-        self._engine_output: EngineOutput | None = None
+        self.router: Router | None = None
+        self.supervisor: EngineSupervisor | None = None  # the first managed engine
+        self.supervisors: list[EngineSupervisor] = []
+        self._engine_outputs: list[EngineOutput] = []
         self._progress: asyncio.Task[None] | None = None
         self._receiver: OtlpReceiver | None = None
+        self.health_checker: HealthChecker | None = None
+        self.discovery: DnsDiscovery | None = None
         self.engine_timings: EngineTimings | None = None
         self.port: int = config.port
 
-    async def _make_backend(self) -> Backend:
+    async def _make_backends(self) -> list[Backend]:
         config = self.config
-        if config.upstream_base is not None:
+        if config.upstream is not None or config.upstream_dns is not None:
             if config.engine_traces_port is not None:
                 await self._receive_engine_timing(config.engine_traces_port)
-            return AttachedBackend(config.upstream_base)
+            return [AttachedBackend(url) for url in config.upstream_bases]  # DNS discovery fills its pool itself
         assert config.model is not None
         if config.engine_timing:
             await self._receive_engine_timing(0)
-        spec = build_spec(
-            config.model,
-            python=config.engine_python or sys.executable,
-            preset=get_preset(config.preset) if config.preset else None,
-            extra_args=config.engine_args,
-            served_model_name=config.served_model_name,
-            traces_endpoint=self._receiver.endpoint if self._receiver else None,
-        )
+        preset = get_preset(config.preset) if config.preset else None
+        gpus = config.gpus if config.gpus is not None else visible_gpus()
+        placements = place_engines(config.engines, gpus, (*(preset.args if preset else ()), *config.engine_args))
         console = is_console(config.log_format)
-        log_file = Path(config.engine_log or ".cache/flushgate/engine.log") if console else None
-        self._engine_output = EngineOutput(self.log, console=console, log_file=log_file)
-        self.supervisor = EngineSupervisor(
-            spec,
-            on_line=self._engine_output.line,
-            on_event=self._engine_output.event,
-            stop_grace_s=config.engine_grace,
-        )
+        several = len(placements) > 1
+        backends: list[Backend] = []
+        for placement in placements:
+            spec = build_spec(
+                config.model,
+                python=config.engine_python or sys.executable,
+                preset=preset,
+                extra_args=(*config.engine_args, *placement.args),
+                served_model_name=config.served_model_name,
+                base_env={**os.environ, **placement.env} if placement.env else None,
+                traces_endpoint=self._receiver.endpoint if self._receiver else None,
+            )
+            log_file = Path(config.engine_log or ".cache/flushgate/engine.log") if console else None
+            if log_file is not None and several:
+                log_file = log_file.with_name(f"{log_file.stem}-{placement.index}{log_file.suffix}")
+            output = EngineOutput(self.log.bind(engine=spec.base_url) if several else self.log, console=console,
+                                  log_file=log_file)  # fmt: skip
+            supervisor = EngineSupervisor(
+                spec, on_line=output.line, on_event=output.event, stop_grace_s=config.engine_grace
+            )
+            self._engine_outputs.append(output)
+            self.supervisors.append(supervisor)
+            backends.append(EngineBackend(supervisor))
+            if several:
+                self.log.info("engine_placed", engine=spec.base_url, index=placement.index, gpu=placement.gpu,
+                              args=list(placement.args))  # fmt: skip
+        self.supervisor = self.supervisors[0]
         if console:
-            self._progress = asyncio.create_task(show_progress(self.supervisor, log_file))
-        return EngineBackend(self.supervisor)
+            self._progress = asyncio.create_task(show_progress(self.supervisor, self._engine_outputs[0].log_file))
+        return backends
+
+    def _make_router(self, backends: list[Backend]) -> Router:
+        routing = self.config.routing
+        pool = EnginePool(backends, ejection=Ejection(routing.eject_after, routing.eject_time))
+        policy = RoutingPolicy(routing.mode, routing.affinity_load_factor, routing.retries)
+        return Router(pool, policy, source=self.config.upstream_dns)
 
     async def _receive_engine_timing(self, port: int) -> None:
         self.engine_timings = EngineTimings()
@@ -81,15 +124,20 @@ class Server:
 
     async def start(self) -> None:
         config = self.config
-        backend = self._backend or await self._make_backend()
+        backends = [self._backend] if self._backend is not None else await self._make_backends()
+        router = self.router = self._make_router(backends)
         gateway_state: list[Gateway] = []
+        supervisors = self.supervisors
         metrics = Metrics(
             inflight=lambda: float(gateway_state[0].inflight),
-            engine_restarts=(lambda: float(sup.restarts)) if (sup := self.supervisor) else None,
+            engine_restarts=(lambda: float(sum(s.restarts for s in supervisors))) if supervisors else None,
+            router=router,
         )
+        session = open_session(config.timeouts, [connection_tracing()])
         self.gateway = Gateway(
-            backend=backend,
-            session=open_session(config.timeouts, [connection_tracing()]),
+            backend=router if router.several else backends[0],
+            router=router,
+            session=session,
             timeouts=config.timeouts,
             log=self.log,
             recorder=Recorder(self.log, metrics, self.engine_timings),
@@ -100,6 +148,27 @@ class Server:
             ollama=OllamaSettings(thinking_aliases=parse_thinking_aliases(config.thinking_aliases)),
         )
         gateway_state.append(self.gateway)
+        if config.upstream_dns is not None:
+            self.discovery = DnsDiscovery(
+                DnsTarget.parse(config.upstream_dns),
+                router.pool,
+                make_backend=AttachedBackend,
+                resolver=self._resolver or aiohttp.ThreadedResolver(),
+                srv_lookup=self._srv_lookup,
+                interval_s=config.routing.dns_interval,
+                log=self.log,
+            )
+            await self.discovery.refresh()  # before listening: the first requests find the engines already there
+            self.discovery.start()
+        if router.several and config.routing.health_interval > 0:
+            self.health_checker = HealthChecker(
+                router.pool,
+                session,
+                interval_s=config.routing.health_interval,
+                timeout_s=HEALTH_CHECK_TIMEOUT_S,
+                log=self.log,
+            )
+            self.health_checker.start()
         # handler_cancellation: a client that goes away cancels its handler, which closes the upstream request,
         # even while a non-streamed request is still waiting for the engine's answer.
         # The header limits and the head-read timeout act in aiohttp's HTTP parser, before any handler runs.
@@ -118,16 +187,18 @@ class Server:
         site = web.TCPSite(self._runner, config.host, config.port, backlog=1024)
         await site.start()
         self.port = site.port
+        engines = [m.url for m in router.pool.members]
         self.log.info(
             "listening",
             version=__version__,
             url=f"http://{config.host}:{self.port}",
-            upstream=backend.base_url,
+            upstream=engines[0] if len(engines) == 1 and not router.several else engines,
             idle_timeout_s=config.timeouts.idle,
             managed_engine=self.supervisor is not None,
+            **({"routing": config.routing.mode} if router.several else {}),
         )
-        if self.supervisor is not None:
-            self.supervisor.start()  # after binding: the gateway answers (503 + Retry-After) while the model loads
+        for supervisor in self.supervisors:
+            supervisor.start()  # after binding: the gateway answers (503 + Retry-After) while the model loads
 
     def begin_drain(self) -> None:
         """From now on readiness fails and new requests get 503; in-flight ones carry on."""
@@ -142,14 +213,17 @@ class Server:
             self.log.info("drained" if drained else "drain_timeout", inflight=self.gateway.inflight)
         if self.gateway is not None:
             await self.gateway.recorder.flush()
-        if self.supervisor is not None:
-            await self.supervisor.stop()
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.health_checker is not None:
+            await self.health_checker.stop()
+        await asyncio.gather(*(supervisor.stop() for supervisor in self.supervisors))
         if self._receiver is not None:
             await self._receiver.stop()
         if self._progress is not None:
             self._progress.cancel()
-        if self._engine_output is not None:
-            self._engine_output.close()
+        for output in self._engine_outputs:
+            output.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.gateway is not None:

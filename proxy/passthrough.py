@@ -16,8 +16,11 @@ from types import SimpleNamespace
 import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
+from flushgate.proxy.affinity import affinity_key
+from flushgate.proxy.body import OutgoingBody, read_ahead
 from flushgate.proxy.errors import error_response, terminal_event
 from flushgate.proxy.headers import (
     REQUEST_ID,
@@ -26,7 +29,10 @@ from flushgate.proxy.headers import (
     stream_kind,
     upstream_request_headers,
 )
+from flushgate.proxy.pool import EngineMember
+from flushgate.proxy.router import Router
 from flushgate.proxy.state import GATEWAY, Gateway
+from flushgate.proxy.upstream import Unavailable
 from flushgate.record import RequestRecord
 from flushgate.timings import RequestTimings, now
 
@@ -37,6 +43,8 @@ FIRST_TOKEN = re.compile(
 MODEL_FIELD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
 TIMING_OPT_IN = "X-Flushgate-Timing"
 CONTENT_CAP = 1 << 20  # --log-content keeps at most this much of each side
+# Engine answers that mean "not this engine, not now": tried on another engine while the client has seen nothing.
+RETRY_STATUSES = frozenset({502, 503, 504})
 
 
 async def forward(
@@ -77,10 +85,11 @@ async def _exchange(
             headers={"Retry-After": str(refusal.retry_after_s), REQUEST_ID: record.request_id},
         )
 
-    base = gateway.backend.base_url
+    router = gateway.router
+    assert router is not None  # Gateway makes one for its backend when none is given
     timings = record.timings
     headers = upstream_request_headers(request.headers, record.request_id, request.remote)
-    data: bytes | AsyncIterator[bytes] | None = None
+    outgoing: OutgoingBody | None = None
     if body is not None:
         timings.body_done = timings.body_done or now()
         timings.bytes_in = request.content_length or len(body)
@@ -89,12 +98,52 @@ async def _exchange(
         if gateway.log_content:
             record.content = {"request": body[:CONTENT_CAP].decode("utf-8", "replace")}
         headers.popall("Content-Length", None)  # aiohttp sets the new body's length
-        data = body
+        outgoing = OutgoingBody(body, None)
+    elif request.body_exists and router.several:
+        try:
+            outgoing = await read_ahead(_request_body(request, record, gateway.log_content, gateway.max_body_bytes))
+        except BodyTooLarge as exc:
+            return _too_large(record, exc, exc)
+    elif not request.body_exists:
+        timings.body_done = timings.start
+    key: int | None = None
+    if outgoing is not None and outgoing.complete and router.policy.mode == "prefix-affinity":
+        key = affinity_key(outgoing.head)
+    tried: list[EngineMember] = []
+    timings.upstream_call = now()
+    while True:
+        member = router.pick(key, tried)
+        if member is None:  # every engine left the pool or went loading/stopping since the refusal check
+            return _no_engine(router, record)
+        router.acquire(member)
+        try:
+            response = await _attempt(request, gateway, record, member, headers, outgoing, tried)
+            if response is not None:
+                return response
+        finally:
+            router.release(member)
+        tried.append(member)
+
+
+async def _attempt(
+    request: web.Request,
+    gateway: Gateway,
+    record: RequestRecord,
+    member: EngineMember,
+    headers: CIMultiDict[str],
+    body: OutgoingBody | None,
+    tried: list[EngineMember],
+) -> web.StreamResponse | None:
+    """One try at one engine: its response relayed, an error response, or None to try another engine."""
+    router = gateway.router
+    assert router is not None
+    base = member.url
+    record.served_by = base
+    data: bytes | AsyncIterator[bytes] | None = None
+    if body is not None:
+        data = body.payload()
     elif request.body_exists:
         data = _request_body(request, record, gateway.log_content, gateway.max_body_bytes)
-    else:
-        timings.body_done = timings.start
-    timings.upstream_call = now()
     try:
         upstream = await gateway.session.request(
             request.method,
@@ -102,29 +151,66 @@ async def _exchange(
             headers=headers,
             data=data,
             allow_redirects=False,
-            trace_request_ctx=timings,
+            trace_request_ctx=record.timings,
         )
     except (aiohttp.ClientError, TimeoutError, BodyTooLarge) as exc:
         too_large = _cause(exc, BodyTooLarge)
-        record.outcome = "rejected" if too_large else "upstream_error"
+        if too_large:  # the client's fault, not the engine's: no failover, nothing held against the engine
+            return _too_large(record, too_large, exc)
+        connect = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+        router.failed(member, "connect" if connect else "broken")
+        if _may_retry(router, record, body, [*tried, member]):
+            record.failover.append({"engine": base, "error": repr(exc)})
+            return None
+        record.outcome = "upstream_error"
         record.error = repr(exc)
-        response = (
-            error_response(413, str(too_large), type_="invalid_request_error", code="request_too_large",
-                           headers={REQUEST_ID: record.request_id})
-            if too_large
-            else _upstream_failure(exc, base, record.request_id)
-        )  # fmt: skip
+        response = _upstream_failure(exc, base, record.request_id)
         record.status = response.status
         return response
 
+    router.answered(member, upstream.status)
+    if upstream.status in RETRY_STATUSES and _may_retry(router, record, body, [*tried, member]):
+        upstream.close()
+        record.failover.append({"engine": base, "error": f"status {upstream.status}"})
+        return None
     try:
         return await _relay(request, upstream, gateway, record)
     finally:
+        if record.outcome in ("upstream_error", "idle_timeout"):
+            router.failed(member, "broken")
         # Anything short of a complete read closes the upstream connection, which is how vLLM learns to abort.
         if upstream.content.at_eof() and record.outcome == "completed":
             upstream.release()
         else:
             upstream.close()
+
+
+def _may_retry(router: Router, record: RequestRecord, body: OutgoingBody | None, tried: list[EngineMember]) -> bool:
+    """Another engine may be tried: retries are left, the body can be sent again (or there is none), and there
+    is an engine not tried yet."""
+    if len(record.failover) >= router.policy.retries or not router.several:
+        return False
+    return (body is None or body.replayable) and router.can_try_another(tried)
+
+
+def _no_engine(router: Router, record: RequestRecord) -> web.Response:
+    refusal = router.unavailable() or Unavailable("no engine can take the request now", "no_engine", 1)
+    record.outcome = "rejected"
+    record.status = 503
+    return error_response(
+        503,
+        refusal.message,
+        code=refusal.code,
+        headers={"Retry-After": str(refusal.retry_after_s), REQUEST_ID: record.request_id},
+    )
+
+
+def _too_large(record: RequestRecord, reason: BodyTooLarge, raised: BaseException) -> web.Response:
+    record.outcome = "rejected"
+    record.error = repr(raised)
+    record.status = 413
+    headers = {REQUEST_ID: record.request_id}
+    return error_response(413, str(reason), type_="invalid_request_error", code="request_too_large", headers=headers)
 
 
 class BodyTooLarge(Exception):
@@ -252,7 +338,8 @@ async def _end_broken_stream(
         message = f"the engine sent nothing for {gateway.timeouts.idle:g} s; the stream was ended"
         code = "idle_timeout"
     else:
-        message = f"the engine at {gateway.backend.base_url} ended the stream before it was complete"
+        engine = record.served_by or gateway.backend.base_url
+        message = f"the engine at {engine} ended the stream before it was complete"
         code = "upstream_disconnected"
     kind = stream_kind(upstream.headers.get("Content-Type"))
     if kind is not None:

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from flushgate.config import Timeouts
 from flushgate.proxy.ollama.settings import OllamaSettings
+from flushgate.proxy.router import Router
 from flushgate.proxy.upstream import Backend, Unavailable
 from flushgate.recorder import Recorder
 
@@ -30,9 +31,12 @@ class Gateway:
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     ollama: OllamaSettings = field(default_factory=OllamaSettings)
+    router: Router | None = None  # picks the engine per request; None: one made for ``backend`` alone
 
     def __post_init__(self) -> None:
         self._idle.set()
+        if self.router is None:
+            self.router = Router.of_one(self.backend)
 
     def refusal(self) -> Unavailable | None:
         if self.draining:

@@ -32,19 +32,20 @@ class FakeUpstream:
     seen: list[SeenRequest] = field(default_factory=list)
     peer_gone: asyncio.Event = field(default_factory=asyncio.Event)
     requests_started: asyncio.Event = field(default_factory=asyncio.Event)
-    port: int = 0
+    port: int = 0  # 0: any free port; the bound one after start()
+    host: str = "127.0.0.1"
     _runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = site.port
 
