@@ -76,14 +76,7 @@ async def _exchange(
 ) -> web.StreamResponse:
     refusal = gateway.refusal()
     if refusal is not None:
-        record.outcome = "rejected"
-        record.status = 503
-        return error_response(
-            503,
-            refusal.message,
-            code=refusal.code,
-            headers={"Retry-After": str(refusal.retry_after_s), REQUEST_ID: record.request_id},
-        )
+        return _refused(refusal, record)
 
     router = gateway.router
     assert router is not None  # Gateway makes one for its backend when none is given
@@ -194,7 +187,11 @@ def _may_retry(router: Router, record: RequestRecord, body: OutgoingBody | None,
 
 
 def _no_engine(router: Router, record: RequestRecord) -> web.Response:
-    refusal = router.unavailable() or Unavailable("no engine can take the request now", "no_engine", 1)
+    return _refused(router.unavailable() or Unavailable("no engine can take the request now", "no_engine", 1), record)
+
+
+def _refused(refusal: Unavailable, record: RequestRecord) -> web.Response:
+    """503 with ``Retry-After``: the gateway is draining, or no engine can take the request yet."""
     record.outcome = "rejected"
     record.status = 503
     return error_response(

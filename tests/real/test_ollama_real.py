@@ -244,6 +244,17 @@ async def openai_client(gateway_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
     await client.close()
 
 
+async def reasoning_and_answer(stream: AsyncIterator[Any]) -> tuple[str, str]:
+    """The reasoning field's text and the answer's, from an OpenAI chat stream."""
+    reasoning, content = "", ""
+    async for chunk in stream:
+        if chunk.choices:
+            delta: Any = chunk.choices[0].delta
+            reasoning += getattr(delta, "reasoning", None) or ""
+            content += delta.content or ""
+    return reasoning, content.strip()
+
+
 async def test_openai_chat_stream_with_enable_thinking_gives_the_reasoning_field(
     openai_client: openai.AsyncOpenAI,
 ) -> None:
@@ -255,13 +266,7 @@ async def test_openai_chat_stream_with_enable_thinking_gives_the_reasoning_field
             stream=True,
             extra_body={"chat_template_kwargs": {"enable_thinking": thinking}},
         )
-        reasoning, content = "", ""
-        async for chunk in stream:
-            if chunk.choices:
-                delta: Any = chunk.choices[0].delta
-                reasoning += getattr(delta, "reasoning", None) or ""
-                content += delta.content or ""
-        results[thinking] = (reasoning, content.strip())
+        results[thinking] = await reasoning_and_answer(stream)
     assert results == {True: ("Thinking", "Hello!"), False: ("", "Hello!")}
 
 
@@ -269,13 +274,7 @@ async def test_openai_model_aliases_pick_the_thinking_mode(openai_client: openai
     results: dict[str, tuple[str, str]] = {}
     for name in (f"{MODEL}:think", f"{MODEL}:nothink"):
         stream = await openai_client.chat.completions.create(model=name, messages=OPENAI_USER, stream=True)
-        reasoning, content = "", ""
-        async for chunk in stream:
-            if chunk.choices:
-                delta: Any = chunk.choices[0].delta
-                reasoning += getattr(delta, "reasoning", None) or ""
-                content += delta.content or ""
-        results[name] = (reasoning, content.strip())
+        results[name] = await reasoning_and_answer(stream)
     assert results == {f"{MODEL}:think": ("Thinking", "Hello!"), f"{MODEL}:nothink": ("", "Hello!")}
 
 
