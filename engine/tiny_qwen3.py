@@ -19,22 +19,18 @@ Only the standard library is needed (no network, no numpy): the files are writte
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 import random
-import shutil
 import struct
 import sys
-import tempfile
 from array import array
 from pathlib import Path
 from typing import Any
 
+from flushgate.engine.model_folder import build_once
 from flushgate.engine.qwen3_chat_template import QWEN3_CHAT_TEMPLATE
 
-MARKER_NAME = ".flushgate-model-ready"
 """Written last: a folder without it is never taken as a finished build."""
 
 BUILD_VERSION = "tiny-qwen3 v1"
@@ -297,34 +293,14 @@ def write_model(out: Path) -> None:
         (out / name).write_text(json.dumps(content, indent=1, ensure_ascii=False) + "\n")
 
 
-def is_ready(dest: Path) -> bool:
-    marker = dest / MARKER_NAME
-    return marker.is_file() and marker.read_text().strip() == BUILD_VERSION
-
-
 def ensure_tiny_qwen3(dest: Path) -> Path:
-    """Return ``dest`` holding the tiny Qwen3 folder, building it on first use (a second or two).
+    """Return ``dest`` holding the tiny Qwen3 folder, building it on first use (a second or two)."""
 
-    The build goes to a temporary folder next to ``dest``, gets its marker last and is renamed into place under a
-    lock file, so concurrent callers and interrupted builds never see a half-written folder.
-    """
-    dest = dest.resolve()
-    if is_ready(dest):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with (dest.parent / f".{dest.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_ready(dest):
-            return dest
-        with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
-            build = Path(tmp) / "build"
-            build.mkdir()
-            write_model(build)
-            (build / MARKER_NAME).write_text(BUILD_VERSION + "\n")
-            if dest.exists():  # an older or unfinished build
-                shutil.rmtree(dest)
-            os.rename(build, dest)
-    return dest
+    def build(work: Path, out: Path) -> None:
+        out.mkdir()
+        write_model(out)
+
+    return build_once(dest, BUILD_VERSION, build)
 
 
 def main(argv: list[str]) -> int:

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from flushgate.engine.tiny_qwen3 import MARKER_NAME, ensure_tiny_qwen3
+from flushgate.engine.model_folder import MARKER_NAME
+from flushgate.engine.tiny_qwen3 import ensure_tiny_qwen3
 
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the weather?"}]
 
