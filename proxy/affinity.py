@@ -21,6 +21,11 @@ def affinity_key(body: bytes) -> int | None:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
+    return affinity_key_of(doc)
+
+
+def affinity_key_of(doc: Any) -> int | None:
+    """The same key from a request already parsed (the Ollama routes build theirs as a dict)."""
     if not isinstance(doc, dict):
         return None
     material = _leading_messages(doc.get("messages"))

@@ -30,7 +30,7 @@ from flushgate.proxy.headers import (
     upstream_request_headers,
 )
 from flushgate.proxy.pool import EngineMember
-from flushgate.proxy.router import Router
+from flushgate.proxy.router import RETRY_STATUSES, Router
 from flushgate.proxy.state import GATEWAY, Gateway
 from flushgate.proxy.upstream import Unavailable
 from flushgate.record import RequestRecord
@@ -44,7 +44,6 @@ MODEL_FIELD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
 TIMING_OPT_IN = "X-Flushgate-Timing"
 CONTENT_CAP = 1 << 20  # --log-content keeps at most this much of each side
 # Engine answers that mean "not this engine, not now": tried on another engine while the client has seen nothing.
-RETRY_STATUSES = frozenset({502, 503, 504})
 
 
 async def forward(
@@ -107,7 +106,7 @@ async def _exchange(
     while True:
         member = router.pick(key, tried)
         if member is None:  # every engine left the pool or went loading/stopping since the refusal check
-            return _no_engine(router, record)
+            return _refused(router.no_engine(), record)
         router.acquire(member)
         try:
             response = await _attempt(request, gateway, record, member, headers, outgoing, tried)
@@ -179,15 +178,8 @@ async def _attempt(
 
 
 def _may_retry(router: Router, record: RequestRecord, body: OutgoingBody | None, tried: list[EngineMember]) -> bool:
-    """Another engine may be tried: retries are left, the body can be sent again (or there is none), and there
-    is an engine not tried yet."""
-    if len(record.failover) >= router.policy.retries or not router.several:
-        return False
-    return (body is None or body.replayable) and router.can_try_another(tried)
-
-
-def _no_engine(router: Router, record: RequestRecord) -> web.Response:
-    return _refused(router.unavailable() or Unavailable("no engine can take the request now", "no_engine", 1), record)
+    """Another engine may be tried, and the body can be sent again (or there is none)."""
+    return (body is None or body.replayable) and router.may_retry(len(record.failover), tried)
 
 
 def _refused(refusal: Unavailable, record: RequestRecord) -> web.Response:

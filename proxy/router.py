@@ -18,6 +18,7 @@ from flushgate.proxy.pool import EngineMember, EnginePool, FailureKind
 from flushgate.proxy.upstream import Backend, Readiness, Unavailable
 
 _MASK = (1 << 64) - 1
+RETRY_STATUSES = frozenset({502, 503, 504})  # an engine's answers that another engine may not give
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,16 @@ class Router:
 
     def can_try_another(self, exclude: Collection[EngineMember]) -> bool:
         return bool(self._candidates(exclude)[0])
+
+    def may_retry(self, failovers: int, tried: Collection[EngineMember]) -> bool:
+        """Another engine may be tried: there are several, retries are left, and one not tried yet can take it.
+
+        Callers add their own condition: nothing has reached the client, and the body can be sent again."""
+        return self.several and failovers < self.policy.retries and self.can_try_another(tried)
+
+    def no_engine(self) -> Unavailable:
+        """Why a request found no engine to pick."""
+        return self.unavailable() or Unavailable("no engine can take the request now", "no_engine", 1)
 
     def _least_outstanding(self, candidates: list[EngineMember]) -> EngineMember:
         """Fewest open requests; ties go round the pool so an idle pool still spreads its load."""

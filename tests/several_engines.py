@@ -14,7 +14,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from flushgate.config import Config, Routing, Timeouts
 from flushgate.server import Server
-from tests.fakes import FakeUpstream, start_stream
+from tests.fakes import FakeUpstream, ScriptedEngine, start_stream
 
 GUARD_S = 10
 Behaviour = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
@@ -34,13 +34,15 @@ async def complete_answer(request: web.Request, engine: int) -> web.StreamRespon
 @dataclass
 class EngineFarm:
     """Fake engines that share one script: the n-th request to arrive, at whichever engine, gets the n-th
-    behaviour (then complete answers). ``/health`` answers 200 or 503 as ``healthy`` says."""
+    behaviour (then complete answers). ``/health`` answers 200 or 503 as ``healthy`` says; ``/v1/models`` and
+    ``/tokenize`` (what the Ollama routes ask first) are answered as one model, ``fake-model``, by every engine."""
 
     fakes: list[FakeUpstream]
     arrivals: list[tuple[int, bytes]] = field(default_factory=list)  # (engine index, body), in arrival order
     script: list[Behaviour] = field(default_factory=list)
     healthy: list[bool] = field(default_factory=list)
     arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+    catalog: ScriptedEngine = field(default_factory=ScriptedEngine)
 
     def __post_init__(self) -> None:
         self.healthy = [True] * len(self.fakes)
@@ -65,6 +67,8 @@ class EngineFarm:
         async def handler(request: web.Request) -> web.StreamResponse:
             if request.path == "/health":
                 return web.Response(status=200 if self.healthy[index] else 503)
+            if request.path in ("/v1/models", "/tokenize"):
+                return await self.catalog(request)
             body = await request.read()
             behaviour = self.script.pop(0) if self.script else complete_answer
             async with self.arrived:

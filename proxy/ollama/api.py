@@ -241,15 +241,23 @@ class OllamaApi:
         payload: dict[str, Any] = {"model": choice.model.id, "input": inputs}
         if isinstance(dimensions, int) and not isinstance(dimensions, bool):
             payload["dimensions"] = dimensions
-        base = gateway.backend.base_url
+        router = gateway.router
+        assert router is not None
+        member = router.pick(None)
+        if member is None:
+            refusal = router.no_engine()
+            raise OllamaError(503, refusal.message, {"Retry-After": str(refusal.retry_after_s)})
+        base = member.url
         headers = upstream_headers(request, request.headers.get(REQUEST_ID) or new_request_id())
         headers["Accept"] = "application/json"
         gateway.enter()
+        router.acquire(member)
         try:
             async with gateway.session.post(
                 base + "/v1/embeddings", data=orjson.dumps(payload), headers=headers
             ) as resp:
                 raw = await resp.read()
+                router.answered(member, resp.status)
                 if resp.status == 404 and b"Not Found" in raw:  # vLLM has no embeddings route for this model
                     raise OllamaError(
                         400, f"model '{name}' does not support embeddings: the engine serves it for generation"
@@ -258,8 +266,10 @@ class OllamaApi:
                     status = resp.status if 400 <= resp.status < 600 else 502
                     raise OllamaError(status, f"the engine cannot embed with '{name}': {engine_error_message(raw)}")
         except (aiohttp.ClientError, TimeoutError) as exc:
+            router.failed(member, "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "broken")
             raise OllamaError(502, f"the engine at {base} failed to answer: {exc or type(exc).__name__}") from None
         finally:
+            router.release(member)
             gateway.leave()
         try:
             reply = orjson.loads(raw)

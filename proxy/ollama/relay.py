@@ -15,12 +15,15 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from flushgate.proxy.affinity import affinity_key_of
 from flushgate.proxy.headers import REQUEST_ID
 from flushgate.proxy.ollama.errors import OllamaError, engine_error_message, error_line, ollama_error_response
 from flushgate.proxy.ollama.events import EngineEvents, EngineStreamError
 from flushgate.proxy.ollama.lines import AnswerClock, final_object, text_line, tool_calls_line
 from flushgate.proxy.ollama.request import EngineCall
 from flushgate.proxy.ollama.sse import SseEvents
+from flushgate.proxy.pool import EngineMember
+from flushgate.proxy.router import RETRY_STATUSES
 from flushgate.proxy.state import Gateway
 from flushgate.record import RequestRecord
 from flushgate.timings import now
@@ -49,39 +52,78 @@ def upstream_headers(request: web.Request, request_id: str) -> dict[str, str]:
 
 async def open_engine_stream(
     request: web.Request, gateway: Gateway, call: EngineCall, record: RequestRecord
-) -> aiohttp.ClientResponse:
-    """The engine's streaming response, or an OllamaError saying why there is none."""
+) -> tuple[EngineMember, aiohttp.ClientResponse]:
+    """The engine's streaming response and the engine giving it, or an OllamaError saying why there is none.
+
+    The engine is picked as for the OpenAI routes (least outstanding, or this conversation's engine) and counts
+    the request as outstanding until the caller releases it. An engine that fails before answering is left for
+    another while retries remain: nothing has reached the client yet, and the body is ours to send again.
+    """
     refusal = gateway.refusal()
     if refusal is not None:
         record.outcome = "rejected"
         raise OllamaError(503, refusal.message, {"Retry-After": str(refusal.retry_after_s)})
-    base = gateway.backend.base_url
+    router = gateway.router
+    assert router is not None  # Gateway makes one for its backend when none is given
+    payload = orjson.dumps(call.body)
+    key = affinity_key_of(call.body) if router.policy.mode == "prefix-affinity" else None
+    headers = upstream_headers(request, record.request_id)
+    tried: list[EngineMember] = []
     record.timings.upstream_call = now()
-    try:
-        upstream = await gateway.session.post(
-            URL(base + call.path, encoded=True),
-            data=orjson.dumps(call.body),
-            headers=upstream_headers(request, record.request_id),
-            trace_request_ctx=record.timings,  # the session's tracing stamps connect or pooled reuse here
-        )
-    except aiohttp.ConnectionTimeoutError:
-        raise _upstream_error(record, 504, f"connecting to the engine at {base} timed out") from None
-    except TimeoutError:
-        raise _upstream_error(record, 504, f"the engine at {base} sent no response in time") from None
-    except aiohttp.ClientConnectorError as exc:
-        reason = exc.os_error.strerror or str(exc)
-        raise _upstream_error(record, 502, f"the engine at {base} is unreachable: {reason}") from None
-    except aiohttp.ClientError as exc:
-        raise _upstream_error(record, 502, f"the engine at {base} failed before answering: {exc}") from None
-    if upstream.status != 200:
+    while True:
+        member = router.pick(key, tried)
+        if member is None:
+            refusal = router.no_engine()
+            record.outcome = "rejected"
+            raise OllamaError(503, refusal.message, {"Retry-After": str(refusal.retry_after_s)})
+        base = record.served_by = member.url
+        router.acquire(member)
+        kept = False
         try:
-            body = await upstream.content.read(_ENGINE_ERROR_BODY_LIMIT)
+            try:
+                upstream = await gateway.session.post(
+                    URL(base + call.path, encoded=True),
+                    data=payload,
+                    headers=headers,
+                    trace_request_ctx=record.timings,  # the session's tracing stamps connect or pooled reuse here
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                connect = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+                router.failed(member, "connect" if connect else "broken")
+                tried.append(member)
+                if router.may_retry(len(record.failover), tried):
+                    record.failover.append({"engine": base, "error": repr(exc)})
+                    continue
+                raise _failure_before_answer(record, base, exc) from None
+            router.answered(member, upstream.status)
+            if upstream.status == 200:
+                kept = True
+                return member, upstream
+            try:
+                body = await upstream.content.read(_ENGINE_ERROR_BODY_LIMIT)
+            finally:
+                upstream.release()
+            tried.append(member)
+            if upstream.status in RETRY_STATUSES and router.may_retry(len(record.failover), tried):
+                record.failover.append({"engine": base, "error": f"status {upstream.status}"})
+                continue
+            # The engine's own verdict on the request (400 for a bad value, 404 for an unknown model, ...).
+            status = upstream.status if 400 <= upstream.status < 600 else 502
+            raise _upstream_error(record, status, engine_error_message(body))
         finally:
-            upstream.release()
-        # The engine's own verdict on the request (400 for a bad value, 404 for an unknown model, ...).
-        status = upstream.status if 400 <= upstream.status < 600 else 502
-        raise _upstream_error(record, status, engine_error_message(body))
-    return upstream
+            if not kept:
+                router.release(member)
+
+
+def _failure_before_answer(record: RequestRecord, base: str, exc: BaseException) -> OllamaError:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return _upstream_error(record, 504, f"connecting to the engine at {base} timed out")
+    if isinstance(exc, TimeoutError):
+        return _upstream_error(record, 504, f"the engine at {base} sent no response in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or str(exc)
+        return _upstream_error(record, 502, f"the engine at {base} is unreachable: {reason}")
+    return _upstream_error(record, 502, f"the engine at {base} failed before answering: {exc}")
 
 
 def _upstream_error(record: RequestRecord, status: int, message: str) -> OllamaError:
@@ -93,15 +135,20 @@ def _upstream_error(record: RequestRecord, status: int, message: str) -> OllamaE
 async def answer(
     request: web.Request, gateway: Gateway, call: EngineCall, record: RequestRecord, clock: AnswerClock
 ) -> web.StreamResponse:
-    upstream = await open_engine_stream(request, gateway, call, record)
+    member, upstream = await open_engine_stream(request, gateway, call, record)
     clock.mark_headers()
     record.timings.upstream_headers = clock.headers / 1e9
     record.status = upstream.status
+    router = gateway.router
+    assert router is not None
     try:
         if call.stream:
             return await _stream_lines(request, upstream, gateway, call, record, clock)
         return await _collect(upstream, gateway, call, record, clock)
     finally:
+        router.release(member)
+        if record.outcome in ("upstream_error", "idle_timeout"):
+            router.failed(member, "broken")
         if upstream.content.at_eof() and record.outcome == "completed":
             upstream.release()
         else:
@@ -135,7 +182,7 @@ async def _stream_lines(
                 return response
             if not chunk:
                 if not finished:
-                    await write(error_line(_cut_stream(gateway, record)))
+                    await write(error_line(_cut_stream(record)))
                 return response
             arrival = now()
             if hops:
@@ -194,7 +241,7 @@ async def _collect(
         except (aiohttp.ClientError, TimeoutError) as exc:
             return ollama_error_response(502, _broken_stream(gateway, record, exc), headers)
         if not chunk:
-            return ollama_error_response(502, _cut_stream(gateway, record), headers)
+            return ollama_error_response(502, _cut_stream(record), headers)
         for data in frames.feed(chunk):
             stamp = perf_counter_ns()
             if data == b"[DONE]":
@@ -232,10 +279,10 @@ def _broken_stream(gateway: Gateway, record: RequestRecord, exc: BaseException) 
         idle = gateway.timeouts.idle or 0
         return f"the engine sent nothing for {idle:g} s; the answer was ended"
     record.outcome = "upstream_error"
-    return f"the engine at {gateway.backend.base_url} ended the stream before it was complete"
+    return f"the engine at {record.served_by} ended the stream before it was complete"
 
 
-def _cut_stream(gateway: Gateway, record: RequestRecord) -> str:
+def _cut_stream(record: RequestRecord) -> str:
     record.outcome = "upstream_error"
     record.error = "stream ended without [DONE]"
-    return f"the engine at {gateway.backend.base_url} ended the stream before it was complete"
+    return f"the engine at {record.served_by} ended the stream before it was complete"

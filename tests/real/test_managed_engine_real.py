@@ -32,6 +32,14 @@ async def until_no_request_runs(session: aiohttp.ClientSession, engine_url: str,
     return time.monotonic() - start
 
 
+async def engine_idle(session: aiohttp.ClientSession, engine_url: str) -> None:
+    """The shared engine runs nothing of an earlier test's, so the counts below are this test's own."""
+    start = time.monotonic()
+    while (running := await running_requests(session, engine_url)) > 0:
+        assert time.monotonic() - start < 30, f"the engine still runs {running} requests from before this test"
+        await asyncio.sleep(0.05)
+
+
 async def test_streamed_chat_has_the_real_answer_and_usage(smol_gateway: GatewayProcess) -> None:
     client = openai.AsyncOpenAI(base_url=smol_gateway.url + "/v1", api_key="none", max_retries=0)
     try:
@@ -85,6 +93,7 @@ async def test_a_client_leaving_mid_stream_stops_the_generation(smol_gateway: Ga
     engine_url = smol_gateway.engine["url"]
     body = {"model": MODEL, "messages": QUESTION, "stream": True, "max_tokens": 2000, "ignore_eos": True}
     async with aiohttp.ClientSession() as session:
+        await engine_idle(session, engine_url)
         resp = await session.post(smol_gateway.url + "/v1/chat/completions", json=body)
         for _ in range(3):
             assert (await resp.content.readany()).startswith(b"data: ")
@@ -99,6 +108,7 @@ async def test_a_client_leaving_before_a_non_streamed_answer_stops_the_generatio
     engine_url = smol_gateway.engine["url"]
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 2000, "ignore_eos": True}
     async with aiohttp.ClientSession() as session:
+        await engine_idle(session, engine_url)
         request = asyncio.create_task(session.post(smol_gateway.url + "/v1/chat/completions", json=body))
         start = time.monotonic()
         while await running_requests(session, engine_url) < 1:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import ollama
 import openai
 import orjson
 import pytest
@@ -110,6 +111,30 @@ async def test_affinity_keeps_a_multi_turn_conversation_on_the_engine_that_has_i
     other = 1 - home
     hits = engines[home].counter("vllm:prefix_cache_hits") - hits_before[home]
     assert hits >= (turns - 1) * 2 * BLOCK_TOKENS  # every later turn found at least the system prompt cached
+    assert engines[other].counter("vllm:prefix_cache_queries") == queries_before[other]
+
+
+async def test_an_ollama_conversation_stays_on_one_engine_too(
+    engines: list[VllmServer], gateway: GatewayProcess
+) -> None:
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Plan an evening in Lyon."},
+    ]
+    queries_before = [engine.counter("vllm:prefix_cache_queries") for engine in engines]
+    turns = 3
+    for turn in range(turns):
+        client = ollama.AsyncClient(host=gateway.url, timeout=GUARD_S, headers={"X-Request-ID": f"ollama-turn-{turn}"})
+        reply = await client.chat(model=MODEL, messages=messages, options={"num_predict": 12, "temperature": 0})
+        messages += [
+            {"role": "assistant", "content": reply.message.content or ""},
+            {"role": "user", "content": "More?"},
+        ]
+    records = [record_of(gateway, f"ollama-turn-{turn}") for turn in range(turns)]
+    assert {record["api"] for record in records} == {"ollama"}
+    served = {record["engine"] for record in records}
+    assert len(served) == 1
+    other = next(i for i, engine in enumerate(engines) if engine.url not in served)
     assert engines[other].counter("vllm:prefix_cache_queries") == queries_before[other]
 
 
