@@ -37,7 +37,8 @@ class RequestRecord:
         """Where the total went, in ms; the parts add up to ``total_ms``.
 
         - client_link: reading the request from the client, plus waiting on a client that reads slowly;
-        - gateway: this hop's own work (before calling upstream, and per chunk outside the write);
+        - gateway: this hop's own work: before calling upstream, and per chunk what it does outside the write
+          (translating an Ollama line; a pass-through does nothing there that it times);
         - engine_queue / engine_prefill / engine_decode: vLLM's own measurement of this request;
         - engine_frontend: the rest, i.e. vLLM's HTTP server (parsing, chat template, tokenising, detokenising)
           and the link to it. Without vLLM's measurement, engine: everything the upstream took.
@@ -90,8 +91,7 @@ class RequestRecord:
             out["decode_tok_s"] = round((tokens - 1) / self.engine.decode_s, 1)
         elif t.first_token and t.last_chunk > t.first_token:
             # Without the engine's count, the rate of chunks after the first token (vLLM sends one per token).
-            after_first = sum(1 for stamp in t.arrivals if stamp > t.first_token)
-            out["chunk_rate_s"] = round(after_first / (t.last_chunk - t.first_token), 1)
+            out["chunk_rate_s"] = round(t.chunks_after(t.first_token) / (t.last_chunk - t.first_token), 1)
         out["split"] = self.split()
         if self.content is not None:
             out["content"] = self.content

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
-from itertools import pairwise
+from operator import sub
 from time import perf_counter
 
 now = perf_counter
@@ -27,7 +28,7 @@ class RequestTimings:
     """Monotonic timestamps (seconds, ``perf_counter``) and counters for one request.
 
     The hot path only assigns to these fields and appends to two arrays of doubles (no object per chunk is
-    kept); arithmetic happens in :meth:`summary`.
+    kept); arithmetic happens in :meth:`summary`, once per request, in C-level loops where it can.
     """
 
     start: float
@@ -45,6 +46,7 @@ class RequestTimings:
     write_blocked: float = 0.0  # time spent inside writes to the client (backpressure from a slow reader)
     arrivals: array[float] = field(default_factory=lambda: array("d"))  # upstream chunk arrival times
     handling: array[float] = field(default_factory=lambda: array("d"))  # per chunk: arrival to write done
+    _gaps: list[float] | None = None
 
     @property
     def chunks(self) -> int:
@@ -60,16 +62,21 @@ class RequestTimings:
 
     def gaps(self) -> list[float]:
         """Seconds between consecutive upstream chunks, from the first token on (the role-only opening chunk and
-        the engine's time to first token are not inter-token gaps)."""
-        stamps = self.arrivals
-        first = self.first_token or self.first_chunk
-        return [b - a for a, b in pairwise(stamps) if a >= first]
+        the engine's time to first token are not inter-token gaps), sorted; worked out once."""
+        if self._gaps is None:
+            stamps = self.arrivals
+            begin = bisect_left(stamps, self.first_token) if self.first_token else 0  # arrivals only grow
+            self._gaps = sorted(map(sub, stamps[begin + 1 :], stamps[begin:-1]))
+        return self._gaps
+
+    def chunks_after(self, t: float) -> int:
+        return len(self.arrivals) - bisect_right(self.arrivals, t)
 
     def summary(self) -> dict[str, float | int | bool | None]:
         def since_start(t: float) -> float | None:
             return _ms(t - self.start) if t else None
 
-        gaps = sorted(self.gaps())
+        gaps = self.gaps()
         connect = self.connect_end - self.connect_start if self.connect_end else None
         return {
             "body_read_ms": since_start(self.body_done),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
+from math import fsum
 from types import SimpleNamespace
 
 import aiohttp
@@ -263,21 +264,19 @@ async def _relay(
                 continue
             stamp = now()
             arrived(stamp)
+            await write(chunk)
+            handled(now() - stamp)  # all of it inside the write: backpressure from the client, if any
             timings.events += chunk.count(separator)
             if not token_seen and FIRST_TOKEN.search(chunk):
                 timings.first_token = stamp
                 token_seen = True
-            before = now()
-            await write(chunk)
-            done = now()
-            handled(done - stamp)
-            timings.write_blocked += done - before
         if kind == "sse" and (gateway.timing_summary or request.headers.get(TIMING_OPT_IN) == "summary"):
             await response.write(await _timing_comment(gateway, record))
     except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError: the client went away
         record.outcome = "client_abort"
         record.error = repr(exc)
     finally:
+        timings.write_blocked += fsum(timings.handling)
         if kept is not None:
             record.content = {**(record.content or {}), "response": kept.decode("utf-8", "replace")}
     return response
