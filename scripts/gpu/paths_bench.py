@@ -144,6 +144,15 @@ def main() -> None:
         help="each round's streams are spread over all paths at once (same engine load, same moment), so the "
         "paths' TTFTs compare request for request; a 1-stream round alternates the path instead",
     )
+    parser.add_argument(
+        "--probe",
+        type=int,
+        default=0,
+        metavar="PAIRS",
+        help="instead of rounds: at each --streams level, keep that many streams minus one running straight to "
+        "the engine and send PAIRS pairs of short probe requests, one at a time, alternating the first two "
+        "paths, so each probe's TTFT is measured under the same engine load",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rounds per point; the path order rotates each time")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -158,6 +167,8 @@ async def measure(args: argparse.Namespace, paths: dict[str, str]) -> list[dict[
     for name, url in paths.items():  # warm every path once: first-request costs are not what is measured
         await round_(url, args.model, 1, False, 16, f"warm-{name}")
         await round_(url, args.model, 8, False, 16, f"warm-{name}")
+    if args.probe:
+        return await measure_probes(args, paths)
     if args.mixed:
         return await measure_mixed(args, paths)
     for rep in range(args.repeat):
@@ -211,6 +222,67 @@ async def measure_mixed(args: argparse.Namespace, paths: dict[str, str]) -> list
                         )  # fmt: skip
                     print(json.dumps({"streams": streams, "thinking": thinking, "rep": rep, "wall_s": round(wall, 2)}),
                           flush=True)  # fmt: skip
+    return rows
+
+
+async def measure_probes(args: argparse.Namespace, paths: dict[str, str]) -> list[dict[str, Any]]:
+    """Added TTFT, measured pair by pair: a probe direct, then one through the next path, under the same load.
+
+    Background streams (long, straight to the engine) hold the engine's batch at the level under test; probes ask
+    for 4 tokens, one at a time, so a probe never waits on another probe.
+    """
+    first, second = list(paths)[:2]
+    direct = paths[first]
+    rows = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        for streams in [int(n) for n in args.streams.split(",")]:
+            stop = asyncio.Event()
+
+            async def background(slot: int, stop: asyncio.Event = stop, streams: int = streams) -> None:
+                turn = 0
+                while not stop.is_set():
+                    await one_stream(
+                        session, direct, args.model, 100_000 * streams + 1000 * slot + turn, False,
+                        args.max_tokens, "background",
+                    )  # fmt: skip
+                    turn += 1
+
+            load = [asyncio.create_task(background(slot)) for slot in range(streams - 1)]
+            await asyncio.sleep(2.0 if load else 0)  # the background streams are past their prefill
+            pairs: list[tuple[float, float]] = []
+            errors: list[str] = []
+            for k in range(args.probe):
+                order = [first, second] if k % 2 == 0 else [second, first]
+                got = {}
+                for name in order:
+                    result = await one_stream(
+                        session, paths[name], args.model, 10_000_000 + 1000 * streams + 2 * k + (name == second), False,
+                        4, f"probe-{name}-{streams}",
+                    )  # fmt: skip
+                    if result.error:
+                        errors.append(result.error)
+                    got[name] = result.ttft_s
+                if got[first] and got[second]:
+                    pairs.append((got[first], got[second]))
+            stop.set()
+            await asyncio.gather(*load)
+            base = sorted(a for a, _ in pairs)
+            ours = sorted(b for _, b in pairs)
+            diffs = sorted(b - a for a, b in pairs)
+            row = {
+                "mode": "probe", "streams": streams, "pairs": len(pairs), "errors": errors,
+                "paths": [first, second],
+                f"{first}_ttft_p50_ms": round(statistics.median(base) * 1000, 3) if base else None,
+                f"{second}_ttft_p50_ms": round(statistics.median(ours) * 1000, 3) if ours else None,
+                "added_ttft_p50_ms": (
+                    round((statistics.median(ours) - statistics.median(base)) * 1000, 3) if pairs else None
+                ),
+                "paired_diff_p50_ms": round(statistics.median(diffs) * 1000, 3) if diffs else None,
+                "pairs_ms": [[round(a * 1000, 3), round(b * 1000, 3)] for a, b in pairs],
+            }  # fmt: skip
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "pairs_ms"}), flush=True)
     return rows
 
 
