@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from flushgate.engine.command import EngineSpec
@@ -22,16 +23,21 @@ from flushgate.engine.command import EngineSpec
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: if the gateway dies, even by SIGKILL, the engine gets SIGTERM.
+def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn``: if this process dies, even by SIGKILL, the child gets ``sig``.
 
-    SIGTERM rather than SIGKILL because vLLM's server then takes its own workers down with it.
+    The engine gets SIGTERM rather than SIGKILL because vLLM's server then takes its own workers down with it.
     """
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the gateway died before prctl took effect
-        os._exit(1)
+    parent = os.getpid()  # compared by pid, not with 1: the parent may itself be PID 1 in a container
+
+    def hook() -> None:  # runs in the child between fork and exec
+        if sys.platform == "linux":
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return hook
 
 
 class EngineProcess:
@@ -89,7 +95,7 @@ async def spawn(spec: EngineSpec, line_limit: int) -> EngineProcess:
         stderr=subprocess.STDOUT,
         env=spec.env,
         start_new_session=True,  # its own process group: one signal reaches every process of the engine
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent(),
     )
     assert popen.stdout is not None
     output = asyncio.StreamReader(limit=line_limit)
