@@ -23,6 +23,7 @@ from flushgate.config import Access, Config, ConfigError, Limits, Timeouts, read
 from flushgate.doctor.cli import add_doctor_parser, run_doctor
 from flushgate.engine.presets import PRESETS
 from flushgate.logs import configure
+from flushgate.workers import WORKER_INDEX_FLAG
 
 T = TypeVar("T")
 
@@ -136,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--port", type=int, default=_env("PORT", 8000, int), help="port to listen on (FLUSHGATE_PORT)")
     serve.add_argument(
+        "--workers",
+        type=int,
+        default=_env("WORKERS", 1, int),
+        metavar="N",
+        help="run N gateway processes on the port (SO_REUSEPORT; the kernel spreads connections over them), for "
+        "more than one core's worth of streams; each has its own metrics and records. Only with --upstream or "
+        "--upstream-dns (FLUSHGATE_WORKERS)",
+    )
+    serve.add_argument(WORKER_INDEX_FLAG, type=int, default=None, help=argparse.SUPPRESS)  # set by --workers
+    serve.add_argument(
         "--connect-timeout",
         type=float,
         metavar="S",
@@ -238,6 +249,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         access=_access_from_args(args),
         thinking_aliases=args.thinking_aliases,
         engine_traces_port=args.engine_traces_port,
+        workers=args.workers,
+        reuse_port=args.worker_index is not None,
     ).validate()
 
 
@@ -259,7 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flushgate: {exc}", file=sys.stderr)
         return 2
-    configure(config.log_format)
+    configure(config.log_format, worker=args.worker_index)
+    if config.workers > 1:
+        from flushgate.workers import run_workers
+
+        given = list(sys.argv[1:] if argv is None else argv)
+        return run_workers(given[given.index("serve") + 1 :], config)
     from flushgate.server import serve
 
     _run(serve(config))

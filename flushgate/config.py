@@ -88,6 +88,8 @@ class Config:
     access: Access = field(default_factory=Access)
     engine_traces_port: int | None = None  # attach mode: receive an external vLLM's per-request spans here
     thinking_aliases: str = "think=on,nothink=off"  # Ollama model-name tags that switch Qwen3-style thinking
+    workers: int = 1  # gateway processes sharing the port (SO_REUSEPORT); see flushgate/workers.py
+    reuse_port: bool = False  # this process is one of several on the port
 
     def validate(self) -> Config:
         sources = sum(x is not None for x in (self.upstream, self.upstream_dns, self.model))
@@ -101,6 +103,15 @@ class Config:
             raise ConfigError("--engines and --gpus need --model (managed engines)")
         if self.engines < 1:
             raise ConfigError(f"--engines must be at least 1, got {self.engines}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if self.workers > 1 and self.model is not None:
+            raise ConfigError(
+                "--workers needs --upstream or --upstream-dns: a managed engine is supervised by one process; run "
+                "one flushgate with --model, and put a --workers gateway in front of it with --upstream"
+            )
+        if self.workers > 1 and self.engine_traces_port is not None:
+            raise ConfigError("--engine-traces-port needs --workers 1: the engine sends its spans to one receiver")
         self._validate_routing()
         if self.preset is not None:
             from flushgate.engine.presets import PRESETS

@@ -16,12 +16,20 @@ def is_console(fmt: LogFormat) -> bool:
     return fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
 
 
-def configure(fmt: LogFormat = "auto") -> None:
+def configure(fmt: LogFormat = "auto", worker: int | None = None) -> None:
+    """``worker``: this process's index under ``--workers N``, added to every event it logs."""
     console = is_console(fmt)
     processors: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if worker is not None:
+
+        def tag(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+            event["worker"] = worker
+            return event
+
+        processors.append(tag)
     if console:
         processors.append(structlog.dev.ConsoleRenderer())
         factory: Any = structlog.PrintLoggerFactory(sys.stdout)

@@ -184,13 +184,14 @@ class Server:
             keepalive_timeout=limits.header_timeout,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, config.host, config.port, backlog=1024)
+        site = web.TCPSite(self._runner, config.host, config.port, backlog=1024, reuse_port=config.reuse_port or None)
         await site.start()
         self.port = site.port
         engines = [m.url for m in router.pool.members]
         self.log.info(
             "listening",
             version=__version__,
+            pid=os.getpid(),
             url=f"http://{config.host}:{self.port}",
             upstream=engines[0] if len(engines) == 1 and not router.several else engines,
             idle_timeout_s=config.timeouts.idle,
@@ -209,6 +210,7 @@ class Server:
         """Refuse new requests, let in-flight ones finish up to the drain timeout, then close."""
         self.begin_drain()
         if self.gateway is not None:
+            self.log.info("draining", inflight=self.gateway.inflight, drain_timeout_s=self.config.timeouts.drain)
             drained = await self.gateway.wait_idle(self.config.timeouts.drain)
             self.log.info("drained" if drained else "drain_timeout", inflight=self.gateway.inflight)
         if self.gateway is not None:

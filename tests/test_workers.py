@@ -1,0 +1,160 @@
+"""``--workers N``: several gateway processes on one port, each serving, all draining on SIGTERM, a dead one
+started again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from flushgate.cli import main
+from tests.fakes import FakeUpstream, sse_chunk, start_stream
+
+REPO = Path(__file__).resolve().parents[1]
+GUARD_S = 30.0
+
+
+class WorkerGroup:
+    """``flushgate serve --workers N`` as a child process, its JSON events (every worker's) read as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.events: list[dict[str, Any]] = []
+        self.port = 0
+
+    @classmethod
+    async def start(cls, upstream: str, workers: int) -> WorkerGroup:
+        clean = {key: value for key, value in os.environ.items() if not key.startswith("FLUSHGATE_")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "flushgate", "serve", "--upstream", upstream, "--port", "0",
+            "--log-format", "json", "--workers", str(workers), "--drain-timeout", "20",
+            cwd=REPO, env=clean, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        group = cls(proc)
+        started = await group.event("workers")
+        group.port = int(started["url"].rsplit(":", 1)[1])
+        return group
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def event(self, name: str, where: Callable[[dict[str, Any]], bool] = lambda e: True) -> dict[str, Any]:
+        """The first event ``name`` (matching ``where``) not yet returned, reading the log as far as needed."""
+        for seen in self.events:
+            if seen["event"] == name and where(seen) and not seen.get("_taken"):
+                seen["_taken"] = True
+                return seen
+        assert self.proc.stdout is not None
+        while True:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), GUARD_S)
+            assert line, f"the group's output ended before {name!r}"
+            event: dict[str, Any] = orjson.loads(line)
+            self.events.append(event)
+            if event["event"] == name and where(event):
+                event["_taken"] = True
+                return event
+
+    async def finish(self) -> int:
+        assert self.proc.stdout is not None
+        rest = await asyncio.wait_for(self.proc.stdout.read(), GUARD_S)
+        self.events.extend(orjson.loads(line) for line in rest.splitlines() if line)
+        return await asyncio.wait_for(self.proc.wait(), GUARD_S)
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+def request_id_is(request_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda event: bool(event["request_id"] == request_id)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    fake = FakeUpstream()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def group(upstream: FakeUpstream) -> AsyncIterator[WorkerGroup]:
+    group = await WorkerGroup.start(upstream.url, 2)
+    listening = [await group.event("listening") for _ in range(2)]
+    assert sorted(event["worker"] for event in listening) == [0, 1]
+    assert {event["url"] for event in listening} == {group.base}
+    yield group
+    await group.kill()
+
+
+async def test_both_workers_listen_on_the_port_and_serve(group: WorkerGroup) -> None:
+    served: set[int] = set()
+    connector = aiohttp.TCPConnector(force_close=True)  # a new connection each time: the kernel picks a worker
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for i in range(64):
+            async with http.post(
+                group.base + "/v1/chat/completions", data=b'{"model": "m"}', headers={"X-Request-ID": f"w-{i}"}
+            ) as resp:
+                assert resp.status == 200
+                assert await resp.json() == {"ok": True}  # the fake engine's answer
+            record = await group.event("request", request_id_is(f"w-{i}"))
+            served.add(record["worker"])
+            if served == {0, 1}:
+                break
+    assert served == {0, 1}
+
+
+async def test_sigterm_drains_every_worker_and_the_group_exits_0(group: WorkerGroup, upstream: FakeUpstream) -> None:
+    release = asyncio.Event()
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        response = await start_stream(request)
+        await response.write(sse_chunk("before"))
+        await release.wait()
+        await response.write(sse_chunk("after") + b"data: [DONE]\n\n")
+        return response
+
+    upstream.handler = held
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(group.base + "/v1/chat/completions", data=b"{}")
+        assert (await asyncio.wait_for(resp.content.readuntil(b"\n\n"), GUARD_S)) == sse_chunk("before")
+        group.proc.send_signal(signal.SIGTERM)
+        draining = [await group.event("draining") for _ in range(2)]
+        assert sorted(event["worker"] for event in draining) == [0, 1]
+        assert sorted(event["inflight"] for event in draining) == [0, 1]  # the stream's worker waits for it
+        release.set()
+        assert await asyncio.wait_for(resp.read(), GUARD_S) == sse_chunk("after") + b"data: [DONE]\n\n"
+    assert await group.finish() == 0
+    assert sorted(e["worker"] for e in group.events if e["event"] == "stopped") == [0, 1]
+    assert [e["signal"] for e in group.events if e["event"] == "workers_stopped"] == ["SIGTERM"]
+
+
+async def test_a_worker_that_dies_is_started_again(group: WorkerGroup) -> None:
+    first = next(e for e in group.events if e["event"] == "listening" and e["worker"] == 0)
+    os.kill(first["pid"], signal.SIGKILL)
+    exited = await group.event("worker_exited")
+    assert (exited["worker"], exited["exit_code"], exited["restarting"]) == (0, -signal.SIGKILL, True)
+    again = await group.event("listening", lambda e: e["worker"] == 0)
+    assert again["pid"] != first["pid"]
+    assert again["url"] == group.base
+
+
+def test_workers_refuse_a_managed_engine(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--model", "/models/x", "--workers", "2"]) == 2
+    assert "--workers needs --upstream or --upstream-dns" in capsys.readouterr().err
+
+
+def test_workers_must_be_at_least_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--upstream", "http://127.0.0.1:9", "--workers", "0"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
