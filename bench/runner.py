@@ -296,7 +296,7 @@ def write_outputs(out: Path, data: dict[str, Any], plot: bool) -> None:
         "",
         f"Machine: {m['cpu_model']}, {m['nproc']} cores (nproc), Linux {m['kernel']}, Python {m['python']}; "
         f"run {m['date_utc']} on commit {m['commit']}.",
-        f"Load generator and fake engine on CPU {pin['load_and_engine_cpu']}, proxy on CPU {pin['proxy_cpu']}, all at "
+        f"Load generator and fake engine on CPU {pin['load_and_engine_cpu']}, {_proxy_cores(pin['proxy_cpu'])}, all at "
         f"nice {pin['nice']}; {data['rounds']} rounds, the order of proxies rotated each round.",
         "",
         *_engines_note(data.get("engines", 1)),
@@ -325,6 +325,12 @@ def _engines_note(engines: int) -> list[str]:
         f"baseline and LiteLLM use the first.",
         "",
     ]
+
+
+def _proxy_cores(cpu: object) -> str:
+    if isinstance(cpu, str):  # several: flushgate and nginx run one worker per core
+        return f"each proxy on CPUs {cpu} (one worker per core)"
+    return f"proxy on CPU {cpu}"
 
 
 def markdown_checks_from(data: dict[str, Any]) -> str:
@@ -369,6 +375,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="where flushgate's request log goes: a file in the run's temp dir, or /dev/null",
     )
     parser.add_argument("--flushgate-args", default="", help="extra flags for flushgate serve, e.g. '--idle-timeout 0'")
+    parser.add_argument(
+        "--proxy-cores",
+        type=int,
+        default=1,
+        metavar="N",
+        help="cores for each proxy (CPUs 1..N; needs N+1 cores): flushgate runs --workers N, nginx N worker "
+        "processes, LiteLLM --num_workers N",
+    )
     parser.add_argument("--nice", type=int, default=-10, help="scheduling priority of every benchmark process")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -379,7 +393,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.scenarios = [known[n] for n in args.scenarios]
     if args.engines < 1:
         parser.error("--engines must be at least 1")
-    args.load_cpu, args.proxy_cpu = (0, 1) if cores >= 2 else (None, None)
+    if args.proxy_cores < 1:
+        parser.error("--proxy-cores must be at least 1")
+    if args.proxy_cores > 1 and cores < args.proxy_cores + 1:
+        parser.error(f"--proxy-cores {args.proxy_cores} needs {args.proxy_cores + 1} cores; this machine has {cores}")
+    args.load_cpu = 0 if cores >= 2 else None
+    args.proxy_cpu = None if cores < 2 else 1 if args.proxy_cores == 1 else f"1-{args.proxy_cores}"
     return args
 
 

@@ -35,12 +35,23 @@ def free_port() -> int:
         return port
 
 
-def pinned(command: Sequence[str], cpu: int | None) -> list[str]:
-    """The command run on one core with taskset, or as it is where there is no core to spare."""
+Cpus = int | str | None  # one core, a taskset list such as "1-4", or None: wherever the scheduler likes
+
+
+def pinned(command: Sequence[str], cpu: Cpus) -> list[str]:
+    """The command run on its cores with taskset, or as it is where there is no core to spare."""
     taskset = shutil.which("taskset")
     if cpu is None or taskset is None:
         return list(command)
     return [taskset, "-c", str(cpu), *command]
+
+
+def core_count(cpu: Cpus) -> int:
+    """How many cores a proxy pinned to ``cpu`` has (1 when unpinned: it is measured as one process)."""
+    if isinstance(cpu, str) and "-" in cpu:
+        first, last = cpu.split("-")
+        return int(last) - int(first) + 1
+    return 1
 
 
 def http_status(port: int, path: str, timeout_s: float = 2.0) -> int | None:
@@ -116,7 +127,7 @@ def _spawn(command: list[str], log: IO[bytes], env: dict[str, str] | None = None
     )
 
 
-def start_engine(workdir: Path, cpu: int | None) -> Target:
+def start_engine(workdir: Path, cpu: Cpus) -> Target:
     """The fake engine, pinned beside the load generator; its port comes back on its first line of output."""
     command = pinned([sys.executable, "-m", "flushgate.bench.engine", "--port", "0"], cpu)
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True)
@@ -131,15 +142,18 @@ def start_engine(workdir: Path, cpu: int | None) -> Target:
 def start_flushgate(
     workdir: Path,
     engine_port: int | Sequence[int],
-    cpu: int | None,
+    cpu: Cpus,
     log_to: Path | None,
     extra_args: Sequence[str] = (),
     name: str = "flushgate",
 ) -> Target:
-    """flushgate attached to the engine, or to each of several engines (one ``--upstream`` per port)."""
+    """flushgate attached to the engine, or to each of several engines (one ``--upstream`` per port); with
+    several cores, one worker per core (``--workers``)."""
     port = free_port()
     log_path = log_to or Path(os.devnull)
     ports = [engine_port] if isinstance(engine_port, int) else list(engine_port)
+    cores = core_count(cpu)
+    workers = ["--workers", str(cores)] if cores > 1 else []
     command = pinned(
         [
             sys.executable,
@@ -153,6 +167,7 @@ def start_flushgate(
             str(port),
             "--log-format",
             "json",
+            *workers,
             *extra_args,
         ],
         cpu,
@@ -161,7 +176,7 @@ def start_flushgate(
         process = _spawn(command, log)
     from flushgate import __version__
 
-    version = " ".join(["flushgate", __version__, *extra_args])
+    version = " ".join(["flushgate", __version__, *workers, *extra_args])
     target = Target(name, port, process, log_path, version)
     target.wait_ready("/healthz", 30)
     return target
@@ -170,7 +185,7 @@ def start_flushgate(
 NGINX_CONF = """\
 daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {workers};
 pid {workdir}/nginx.pid;
 error_log {workdir}/nginx-error.log warn;
 events {{
@@ -201,7 +216,7 @@ http {{
 """
 
 
-def nginx_config(workdir: Path, engine_port: int | Sequence[int], port: int) -> str:
+def nginx_config(workdir: Path, engine_port: int | Sequence[int], port: int, workers: int = 1) -> str:
     """A reverse proxy with buffering off and a keep-alive HTTP/1.1 pool to the engine: the C reference.
 
     With several engines, nginx's ``least_conn`` spreads the streams, as flushgate's least-outstanding does."""
@@ -209,7 +224,7 @@ def nginx_config(workdir: Path, engine_port: int | Sequence[int], port: int) -> 
     servers = "".join(f"        server {HOST}:{each};\n" for each in ports)
     if len(ports) > 1:
         servers = "        least_conn;\n" + servers
-    return NGINX_CONF.format(workdir=workdir, host=HOST, servers=servers, port=port)
+    return NGINX_CONF.format(workdir=workdir, host=HOST, servers=servers, port=port, workers=workers)
 
 
 def _version(command: list[str]) -> str:
@@ -221,10 +236,10 @@ def _version(command: list[str]) -> str:
     return text[-1] if text else "unknown"
 
 
-def start_nginx(workdir: Path, engine_port: int | Sequence[int], cpu: int | None, nginx: str) -> Target:
+def start_nginx(workdir: Path, engine_port: int | Sequence[int], cpu: Cpus, nginx: str) -> Target:
     port = free_port()
     conf = workdir / "nginx.conf"
-    conf.write_text(nginx_config(workdir, engine_port, port))
+    conf.write_text(nginx_config(workdir, engine_port, port, core_count(cpu)))
     log_path = workdir / "nginx.out"
     with log_path.open("ab") as log:
         process = _spawn(pinned([nginx, "-p", str(workdir), "-c", str(conf), "-e", "stderr"], cpu), log)
@@ -266,13 +281,15 @@ _PRINT_LITELLM_VERSION = "import importlib.metadata as m; print(m.version('litel
 
 
 def start_litellm(
-    workdir: Path, engine_port: int, cpu: int | None, litellm: str, models: Sequence[str], master_key: str
+    workdir: Path, engine_port: int, cpu: Cpus, litellm: str, models: Sequence[str], master_key: str
 ) -> Target:
     port = free_port()
     conf = workdir / "litellm.yaml"
     conf.write_text(litellm_config(engine_port, models))
     log_path = workdir / "litellm.out"
-    command = pinned([litellm, "--config", str(conf), "--host", HOST, "--port", str(port)], cpu)
+    cores = core_count(cpu)
+    workers = ["--num_workers", str(cores)] if cores > 1 else []
+    command = pinned([litellm, "--config", str(conf), "--host", HOST, "--port", str(port), *workers], cpu)
     with log_path.open("ab") as log:
         process = _spawn(command, log, litellm_env(master_key))
     version = _version([str(Path(litellm).with_name("python")), "-c", _PRINT_LITELLM_VERSION])
