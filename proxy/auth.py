@@ -1,4 +1,5 @@
-"""API keys: ``Authorization: Bearer KEY`` on every route but the probes, checked in constant time."""
+"""API keys: ``Authorization: Bearer KEY`` on every route but the probes and the chat page's static files,
+checked in constant time."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 from multidict import CIMultiDict
 
+from flushgate.proxy.chat_page import ASSET_PREFIX, accepts_html
 from flushgate.proxy.refusal import refuse
 
 # Kubernetes probes carry no key.
@@ -49,13 +51,21 @@ def bearer_token(request: web.Request) -> str | None:
     return token.strip()
 
 
+def _is_page(request: web.Request) -> bool:
+    """The chat page and its static files hold no data: a browser loads them without a key, then the page asks
+    for one when the API answers 401."""
+    if request.path.startswith(ASSET_PREFIX + "/"):
+        return True
+    return request.path == "/" and request.method in ("GET", "HEAD") and accepts_html(request)
+
+
 def require_api_key(keys: ApiKeys, *, protect_metrics: bool) -> Middleware:
     """401 without a valid key. The key is for the gateway alone, so it is not passed on to the engine."""
     open_paths = OPEN_PATHS if protect_metrics else OPEN_PATHS | {"/metrics"}
 
     @web.middleware
     async def api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in open_paths:
+        if request.path in open_paths or _is_page(request):
             return await handler(request)
         token = bearer_token(request)
         if token is None or not keys.accepts(token):

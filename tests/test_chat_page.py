@@ -14,7 +14,9 @@ import orjson
 from aiohttp import web
 from playwright.async_api import Response, expect
 
+from flushgate.config import Access, Config
 from flushgate.proxy.chat_page import PAGE_DIR
+from flushgate.server import Server
 from tests.chat_browser import chat_page
 from tests.fakes import FakeUpstream, sse_chunk, start_stream
 
@@ -459,3 +461,36 @@ async def test_while_the_engine_loads_the_page_says_so_and_fills_the_picker_once
         await expect(chat.page.locator("#model option")).to_have_count(2)
         await expect(status).to_have_text("")
         await expect(chat.page.locator("#send")).to_be_enabled()
+
+
+async def test_with_api_keys_the_page_loads_asks_for_the_key_and_sends_it(fake: FakeUpstream, tmp_path: Path) -> None:
+    seen: list[tuple[str, str | None]] = []
+    chat_engine = engine(streams(sse_chunk("Paris"), DONE))
+
+    async def remember_auth(request: web.Request) -> web.StreamResponse:
+        seen.append((request.path, request.headers.get("Authorization")))
+        return await chat_engine(request)
+
+    fake.handler = remember_auth
+    server = Server(Config(upstream=fake.url, port=0, access=Access(api_keys=("page-key",))))
+    await server.start()
+    try:
+        async with chat_page(tmp_path) as chat:
+            await chat.page.goto(f"http://127.0.0.1:{server.port}/")
+            await expect(chat.page.locator("#status")).to_contain_text("401 Unauthorized: no API key given")
+            await expect(chat.page.locator("#api-key")).to_be_visible()
+            await expect(chat.page.locator("#send")).to_be_disabled()
+            await chat.page.fill("#api-key", "wrong-key")
+            await chat.page.press("#api-key", "Enter")
+            await expect(chat.page.locator("#status")).to_contain_text("the API key given is not valid")
+            await chat.page.fill("#api-key", "page-key")
+            await chat.page.press("#api-key", "Enter")
+            await expect(chat.page.locator("#model option")).to_have_count(2)
+            answer = await chat.ask("Capital of France?")
+            await chat.wait_finished(answer)
+            await expect(answer.locator(".body")).to_have_text("Paris")
+            assert chat.errors == [e for e in chat.errors if "401" in e]  # the refused loads, and nothing else
+    finally:
+        await server.stop()
+    assert ("/v1/chat/completions", None) in seen
+    assert all(header is None for _, header in seen)  # the key is the gateway's, never the engine's

@@ -70,6 +70,21 @@ async def test_ollama_routes_answer_401_in_ollamas_shape(fake: FakeUpstream, htt
     assert isinstance(body["error"], str)
 
 
+async def test_only_the_chat_pages_static_files_are_open_without_a_key(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    async with guarded(fake, Access(api_keys=(KEY,))) as url:
+        async with http.get(url + "/", headers={"Accept": "text/html"}) as resp:
+            assert resp.status == 200
+            assert resp.content_type == "text/html"
+        async with http.get(url + "/ui/chat.js") as resp:
+            assert resp.status == 200
+        for path, accept in (("/", "*/*"), ("/api/tags", "*/*"), ("/v1/models", "text/html")):
+            async with http.get(url + path, headers={"Accept": accept}) as resp:
+                assert resp.status == 401, path
+    assert fake.seen == []
+
+
 async def test_any_configured_key_is_accepted_and_none_is_passed_on_to_the_engine(
     fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:

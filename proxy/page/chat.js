@@ -11,6 +11,8 @@ const ui = {
   thinking: byId("thinking"),
   maxTokens: byId("max-tokens"),
   newChat: byId("new-chat"),
+  apiKeyLabel: byId("api-key-label"),
+  apiKey: byId("api-key"),
   status: byId("status"),
   transcript: byId("transcript"),
   composer: byId("composer"),
@@ -20,6 +22,9 @@ const ui = {
 };
 
 const TIMING_COMMENT = "flushgate-timing ";
+// A gateway started with --api-key answers 401 until the page sends a key; it is kept for this tab only.
+const KEY_STORE = "flushgate-api-key";
+let apiKey = sessionStorage.getItem(KEY_STORE) ?? "";
 const history = []; // the conversation sent with each request: {role, content}
 let inFlight = null; // the AbortController of the streaming request
 
@@ -35,6 +40,16 @@ function updateControls() {
   ui.model.disabled = busy;
 }
 
+function withKey(headers) {
+  return apiKey ? { ...headers, Authorization: `Bearer ${apiKey}` } : headers;
+}
+
+function askForKey(problem) {
+  ui.apiKeyLabel.hidden = false;
+  setStatus(`${problem}: enter this gateway's API key`);
+  ui.apiKey.focus();
+}
+
 function errorText(payload, response) {
   const message = payload?.error?.message ?? payload?.message ?? payload?.detail;
   const status = response ? `${response.status} ${response.statusText}`.trim() : "";
@@ -45,8 +60,12 @@ function errorText(payload, response) {
 async function loadModels() {
   let retryS = 2;
   try {
-    const response = await fetch("/v1/models", { headers: { Accept: "application/json" } });
+    const response = await fetch("/v1/models", { headers: withKey({ Accept: "application/json" }) });
     const payload = await response.json().catch(() => null);
+    if (response.status === 401) {
+      askForKey(errorText(payload, response)); // tried again once a key is entered
+      return;
+    }
     if (response.ok && Array.isArray(payload?.data)) {
       const options = payload.data.map(({ id }) => {
         const option = document.createElement("option");
@@ -261,13 +280,15 @@ function requestBody(messages) {
 async function stream(turn, body, signal) {
   const response = await fetch("/v1/chat/completions", {
     method: "POST",
-    headers: { "Content-Type": "application/json", Accept: "text/event-stream", "X-Flushgate-Timing": "summary" },
+    headers: withKey({ "Content-Type": "application/json", Accept: "text/event-stream", "X-Flushgate-Timing": "summary" }),
     body: JSON.stringify(body),
     signal,
   });
   turn.headers(response);
   if (!response.ok) {
-    turn.fail(errorText(await response.json().catch(() => null), response));
+    const problem = errorText(await response.json().catch(() => null), response);
+    turn.fail(problem);
+    if (response.status === 401) askForKey(problem);
     return;
   }
   const reader = response.body.getReader();
@@ -328,6 +349,14 @@ ui.newChat.addEventListener("click", () => {
   ui.prompt.focus();
 });
 
+ui.apiKey.addEventListener("change", () => {
+  apiKey = ui.apiKey.value.trim();
+  sessionStorage.setItem(KEY_STORE, apiKey);
+  setStatus("");
+  loadModels();
+});
+
 ui.model.addEventListener("change", updateControls);
+if (apiKey) ui.apiKeyLabel.hidden = false; // a key from earlier in this tab: shown, so it can be changed
 updateControls();
 loadModels();
