@@ -40,6 +40,8 @@ def engine_load_s(path: Path) -> float | None:
 
 def summarize(results: Path, phase: str) -> str:
     bench = json.loads((results / f"paths-{phase}.json").read_text())
+    if bench["args"].get("probe"):
+        return summarize_probe(results, phase, bench)
     if bench["args"].get("mixed"):
         return summarize_mixed(results, phase, bench)
     records = load_records(results / f"records-{phase}.jsonl")
@@ -170,6 +172,47 @@ def summarize_mixed(results: Path, phase: str, bench: dict[str, Any]) -> str:
             "flushgate's record shows that token written (`first_token_ms`): the delay is in the hop in front of "
             "flushgate."
         )
+    return "\n".join(out) + "\n"
+
+
+def summarize_probe(results: Path, phase: str, bench: dict[str, Any]) -> str:
+    """The pair-by-pair run (``--probe``): added TTFT per level, then the records' split of the probes."""
+    ready = json.loads((results / f"ready-{phase}.json").read_text())
+    out = [
+        f"### {phase}, added TTFT pair by pair (`--probe {bench['args']['probe']}`): `/readyz` 200 after "
+        f"{ready['time_to_readyz_s']} s",
+        "",
+        "| streams | pairs | direct TTFT p50 / p99 (ms) | flushgate TTFT p50 / p99 (ms) | added TTFT p50 | "
+        "median of the pair differences | pair differences p10 / p90 (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in bench["rows"]:
+        pairs = row["pairs_ms"]
+        first, second = [a for a, _ in pairs], [b for _, b in pairs]
+        diffs = [b - a for a, b in pairs]
+        out.append(
+            f"| {row['streams']} | {len(pairs)} | {med(first):.2f} / {pct(first, 0.99):.2f} | "
+            f"{med(second):.2f} / {pct(second, 0.99):.2f} | {med(second) - med(first):+.2f} ms | "
+            f"{med(diffs):+.2f} ms | {pct(diffs, 0.1):+.2f} / {pct(diffs, 0.9):+.2f} |"
+        )
+    errors = sum(len(row["errors"]) for row in bench["rows"])
+    out += ["", f"Errors: {errors}.", ""]
+    records = load_records(results / f"records-{phase}.jsonl")
+    parts = ("gateway_ms", "client_link_ms", "engine_queue_ms", "engine_prefill_ms", "engine_decode_ms",
+             "engine_frontend_ms")  # fmt: skip
+    out += [
+        "| streams | probes | joined with vLLM's span | " + " | ".join(p.removesuffix("_ms") for p in parts) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in parts) + " |",
+    ]
+    for row in bench["rows"]:
+        probes = [r for rid, r in records.items() if rid.startswith(f"probe-flushgate-{row['streams']}-")]
+        splits = [r["split"] for r in probes if r.get("split")]
+        joined = [s for s in splits if "engine_prefill_ms" in s]
+        cells = [f"{med([s[p] for s in joined if p in s]):.3f}" for p in parts]
+        out.append(f"| {row['streams']} | {len(probes)} | {len(joined)} | " + " | ".join(cells) + " |")
+    gateway = [r["split"]["gateway_ms"] for rid, r in records.items() if rid.startswith("probe-flushgate-")]
+    out += ["", f"`gateway_ms` of all probes: p50 {med(gateway):.3f}, p99 {pct(gateway, 0.99):.3f}, "
+            f"max {max(gateway):.3f} ms."]  # fmt: skip
     return "\n".join(out) + "\n"
 
 
