@@ -116,6 +116,8 @@ def test_within_uses_the_ratio_above_the_noise_floor_and_the_allowance_below_it(
     assert not within(1.6, 1.0, factor=1.5, slack=0.3)
     assert within(0.25, 0.01, factor=1.5, slack=0.3)  # reference adds ~0: the absolute allowance decides
     assert not within(0.35, 0.01, factor=1.5, slack=0.3)
+    assert within(-0.5, -1.1, factor=1.5, slack=0.3)  # nothing added over direct meets a goal on added time
+    assert not within(0.1, -1.1, factor=1.5, slack=0.3)
 
 
 def _token(seq: int, sent_ns: int) -> bytes:
