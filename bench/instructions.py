@@ -58,7 +58,11 @@ def count(workdir: Path, engine_port: int, extra: list[str]) -> dict[str, float]
     for path in dumps:
         path.unlink()
     chunks = WORKLOAD.expected_chunks
-    return {"instructions": instructions, "chunks": chunks, "per_chunk": instructions / chunks}
+    records = [json.loads(line) for line in log_path.read_bytes().splitlines() if b'"event":"request"' in line]
+    counted = records[-WORKLOAD.streams * WORKLOAD.requests :]
+    reads = sum(record.get("chunks") or 0 for record in counted)  # reads from the engine (0 with the record off)
+    log_path.unlink()
+    return {"instructions": instructions, "chunks": chunks, "per_chunk": instructions / chunks, "reads": reads}
 
 
 def _complete(run: ScenarioRun, scenario: Scenario) -> None:

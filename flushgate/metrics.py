@@ -11,11 +11,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from flushgate.timings import FAST_CHUNK_S
+
 if TYPE_CHECKING:
     from flushgate.proxy.router import Router
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-CHUNK_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1)
+# The first bound is the one below which the hot path only counts a chunk (see RequestTimings.fast_chunks).
+CHUNK_BUCKETS = (FAST_CHUNK_S, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1)
 GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -29,17 +32,21 @@ class BulkHistogram(Collector):
         self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
         self.total = 0.0
 
-    def observe_many(self, values: Iterable[float]) -> None:
-        """Bucket counts by bisecting the sorted values at each bound: a few C calls per bucket, not per value."""
+    def observe_many(self, values: Iterable[float], *, fast: int = 0, total: float | None = None) -> None:
+        """Bucket counts by bisecting the sorted values at each bound: a few C calls per bucket, not per value.
+
+        ``fast``: further values, not listed, known to fall in the first bucket; ``total``: the sum of all of them
+        when ``fast`` leaves the listed ones short of it."""
         ordered = sorted(values)
         counts = self.counts
+        counts[0] += fast
         below = 0
         for i, bound in enumerate(self.bounds):
             upto = bisect_right(ordered, bound)  # values <= bound, as Prometheus's le means
             counts[i] += upto - below
             below = upto
         counts[-1] += len(ordered) - below
-        self.total += fsum(ordered)
+        self.total += fsum(ordered) if total is None else total
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         cumulative, running = [], 0

@@ -50,9 +50,7 @@ class RequestRecord:
         client = (t.body_done - t.start if t.body_done else 0.0) + t.write_blocked
         # A body read ahead (several engines) ends before the engine is called: that wait is the client's.
         called_after = t.body_done if 0 < t.body_done <= t.upstream_call else t.start
-        gateway = (t.upstream_call - called_after if t.upstream_call else total - client) + max(
-            0.0, sum(t.handling) - t.write_blocked
-        )
+        gateway = (t.upstream_call - called_after if t.upstream_call else total - client) + t.chunk_work
         parts = {"client_link_ms": client, "gateway_ms": gateway}
         rest = total - client - gateway
         if self.engine is not None:

@@ -53,7 +53,8 @@ class Recorder:
         for attempt in record.failover:
             m.engine_failovers.labels(attempt["engine"]).inc()
         m.gap.observe_many(t.gaps())
-        m.chunk.observe_many(t.handling)
+        if t.fast_chunks or t.slow_chunks:
+            m.chunk.observe_many(t.slow_chunks, fast=t.fast_chunks, total=t.write_blocked + t.chunk_work)
         record.emit(self.log)
 
     async def flush(self) -> None:

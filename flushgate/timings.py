@@ -9,6 +9,7 @@ from operator import sub
 from time import perf_counter
 
 now = perf_counter
+FAST_CHUNK_S = 0.00001  # a chunk handled within this is only counted (the first bucket of the chunk histogram)
 
 
 def _ms(seconds: float) -> float:
@@ -27,8 +28,10 @@ def percentile(sorted_values: list[float], q: float) -> float:
 class RequestTimings:
     """Monotonic timestamps (seconds, ``perf_counter``) and counters for one request.
 
-    The hot path only assigns to these fields and appends to two arrays of doubles (no object per chunk is
-    kept); arithmetic happens in :meth:`summary`, once per request, in C-level loops where it can.
+    The hot path only assigns to these fields and appends to arrays of doubles (no object per chunk is kept): one
+    arrival time per chunk, and its handling time only when that is not negligible (most chunks are written in a
+    few microseconds and are just counted). Arithmetic happens in :meth:`summary`, once per request, in C-level
+    loops where it can.
     """
 
     start: float
@@ -44,8 +47,10 @@ class RequestTimings:
     bytes_out: int = 0
     events: int = 0
     write_blocked: float = 0.0  # time spent inside writes to the client (backpressure from a slow reader)
+    chunk_work: float = 0.0  # per chunk, the gateway's own work outside the writes (translating an Ollama line)
     arrivals: array[float] = field(default_factory=lambda: array("d"))  # upstream chunk arrival times
-    handling: array[float] = field(default_factory=lambda: array("d"))  # per chunk: arrival to write done
+    fast_chunks: int = 0  # chunks handled (arrival to write done) within FAST_CHUNK_S: only counted
+    slow_chunks: array[float] = field(default_factory=lambda: array("d"))  # the others' handling times
     _gaps: list[float] | None = None
 
     @property

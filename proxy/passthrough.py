@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from math import fsum
 from types import SimpleNamespace
 
 import aiohttp
@@ -35,7 +34,7 @@ from flushgate.proxy.router import RETRY_STATUSES, Router
 from flushgate.proxy.state import GATEWAY, Gateway
 from flushgate.proxy.upstream import Unavailable
 from flushgate.record import RequestRecord
-from flushgate.timings import RequestTimings, now
+from flushgate.timings import FAST_CHUNK_S, RequestTimings, now
 
 # A chunk that carries generated output: text, reasoning or the start of a tool call (OpenAI and Ollama shapes).
 FIRST_TOKEN = re.compile(
@@ -237,12 +236,15 @@ async def _relay(
     headers["Server-Timing"] = _server_timing(timings)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     kept = bytearray() if gateway.log_content else None
+    # Per-chunk sums live in locals while the stream runs and are added to the record when it ends.
+    blocked = 0.0
+    fast = events = 0
     try:
         await response.prepare(request)
         read = upstream.content.readany
         write = response.write
         arrived = timings.arrivals.append
-        handled = timings.handling.append
+        slow = timings.slow_chunks.append
         hops = gateway.hop_timing
         separator = b"\n\n" if kind == "sse" else b"\n"
         token_seen = kind is None or not hops  # only event streams are searched for their first token
@@ -265,21 +267,34 @@ async def _relay(
             stamp = now()
             arrived(stamp)
             await write(chunk)
-            handled(now() - stamp)  # all of it inside the write: backpressure from the client, if any
-            timings.events += chunk.count(separator)
+            took = now() - stamp  # all of it inside the write: backpressure from the client, if any
+            blocked += took
+            if took > FAST_CHUNK_S:
+                slow(took)
+            else:
+                fast += 1
+            events += chunk.count(separator)
             if not token_seen and FIRST_TOKEN.search(chunk):
                 timings.first_token = stamp
                 token_seen = True
+        _add_chunk_sums(timings, blocked, fast, events)
+        blocked, fast, events = 0.0, 0, 0
         if kind == "sse" and (gateway.timing_summary or request.headers.get(TIMING_OPT_IN) == "summary"):
             await response.write(await _timing_comment(gateway, record))
     except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError: the client went away
         record.outcome = "client_abort"
         record.error = repr(exc)
     finally:
-        timings.write_blocked += fsum(timings.handling)
+        _add_chunk_sums(timings, blocked, fast, events)
         if kept is not None:
             record.content = {**(record.content or {}), "response": kept.decode("utf-8", "replace")}
     return response
+
+
+def _add_chunk_sums(timings: RequestTimings, blocked: float, fast: int, events: int) -> None:
+    timings.write_blocked += blocked
+    timings.fast_chunks += fast
+    timings.events += events
 
 
 def _server_timing(t: RequestTimings) -> str:

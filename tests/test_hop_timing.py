@@ -301,3 +301,15 @@ async def test_an_attached_engine_can_send_its_timing_to_a_fixed_port(fake: Fake
     assert record["split"]["engine_prefill_ms"] == pytest.approx(20.0)
     assert record["split"]["engine_queue_ms"] == pytest.approx(4.0)
     assert record["tokens"] == 3
+
+
+def test_a_bulk_histogram_counts_listed_values_by_bound_and_unlisted_fast_ones_in_the_first_bucket() -> None:
+    from flushgate.metrics import BulkHistogram
+
+    histogram = BulkHistogram("x_seconds", "x", (0.001, 0.01, 0.1))
+    histogram.observe_many([0.001, 0.005, 0.5, 0.02], fast=3, total=0.6)  # 0.001 is <= its bound: first bucket
+    (family,) = histogram.collect()
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name == "x_seconds_bucket"}
+    assert buckets == {"0.001": 4, "0.01": 5, "0.1": 6, "+Inf": 7}
+    assert next(s.value for s in family.samples if s.name == "x_seconds_count") == 7
+    assert next(s.value for s in family.samples if s.name == "x_seconds_sum") == 0.6

@@ -26,7 +26,7 @@ from flushgate.proxy.pool import EngineMember
 from flushgate.proxy.router import RETRY_STATUSES
 from flushgate.proxy.state import Gateway
 from flushgate.record import RequestRecord
-from flushgate.timings import now
+from flushgate.timings import FAST_CHUNK_S, now
 
 NDJSON_HEADERS = {
     "Content-Type": "application/x-ndjson",
@@ -185,6 +185,7 @@ async def _stream_lines(
                     await write(error_line(_cut_stream(record)))
                 return response
             arrival = now()
+            wrote = 0.0  # time inside this chunk's writes
             if hops:
                 timings.arrivals.append(arrival)
             for data in frames.feed(chunk):
@@ -216,9 +217,15 @@ async def _stream_lines(
                 timings.bytes_out += len(line)
                 before = now()
                 await write(line)
-                timings.write_blocked += now() - before
+                wrote += now() - before
+            timings.write_blocked += wrote
             if hops:
-                timings.handling.append(now() - arrival)
+                took = now() - arrival
+                timings.chunk_work += took - wrote
+                if took > FAST_CHUNK_S:
+                    timings.slow_chunks.append(took)
+                else:
+                    timings.fast_chunks += 1
     except ConnectionResetError as exc:  # the client went away
         record.outcome = "client_abort"
         record.error = repr(exc)
