@@ -36,3 +36,9 @@ PROFILE_ARGS ?= --scenario 256x1ms
 .PHONY: bench-profile
 bench-profile: bench-deps
 	$(PY) -m flushgate.bench.profile $(PROFILE_ARGS)
+
+# What the per-hop record costs, in instructions per chunk under valgrind's callgrind (on and off, one workload).
+.PHONY: bench-instructions
+bench-instructions: bench-deps
+	@command -v valgrind >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q valgrind; }
+	$(PY) -m flushgate.bench.instructions --out $(BENCH_OUT)/hop-instructions.json
