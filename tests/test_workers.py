@@ -81,16 +81,8 @@ def request_id_is(request_id: str) -> Callable[[dict[str, Any]], bool]:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    fake = FakeUpstream()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-async def group(upstream: FakeUpstream) -> AsyncIterator[WorkerGroup]:
-    group = await WorkerGroup.start(upstream.url, 2)
+async def group(fake: FakeUpstream) -> AsyncIterator[WorkerGroup]:
+    group = await WorkerGroup.start(fake.url, 2)
     listening = [await group.event("listening") for _ in range(2)]
     assert sorted(event["worker"] for event in listening) == [0, 1]
     assert {event["url"] for event in listening} == {group.base}
@@ -115,7 +107,7 @@ async def test_both_workers_listen_on_the_port_and_serve(group: WorkerGroup) -> 
     assert served == {0, 1}
 
 
-async def test_sigterm_drains_every_worker_and_the_group_exits_0(group: WorkerGroup, upstream: FakeUpstream) -> None:
+async def test_sigterm_drains_every_worker_and_the_group_exits_0(group: WorkerGroup, fake: FakeUpstream) -> None:
     release = asyncio.Event()
 
     async def held(request: web.Request) -> web.StreamResponse:
@@ -125,7 +117,7 @@ async def test_sigterm_drains_every_worker_and_the_group_exits_0(group: WorkerGr
         await response.write(sse_chunk("after") + b"data: [DONE]\n\n")
         return response
 
-    upstream.handler = held
+    fake.handler = held
     async with aiohttp.ClientSession() as http:
         resp = await http.post(group.base + "/v1/chat/completions", data=b"{}")
         assert (await asyncio.wait_for(resp.content.readuntil(b"\n\n"), GUARD_S)) == sse_chunk("before")
