@@ -32,7 +32,7 @@ from flushgate.proxy.headers import (
 from flushgate.proxy.pool import EngineMember
 from flushgate.proxy.router import RETRY_STATUSES, Router
 from flushgate.proxy.state import GATEWAY, Gateway
-from flushgate.proxy.upstream import Unavailable
+from flushgate.proxy.upstream import FailedBeforeAnswer, Unavailable
 from flushgate.record import RequestRecord
 from flushgate.timings import FAST_CHUNK_S, RequestTimings, now
 
@@ -149,16 +149,17 @@ async def _attempt(
         too_large = _cause(exc, BodyTooLarge)
         if too_large:  # the client's fault, not the engine's: no failover, nothing held against the engine
             return _too_large(record, too_large, exc)
-        connect = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
-        router.failed(member, "connect" if connect else "broken")
+        failure = FailedBeforeAnswer.of(exc, base)
+        router.failed(member, "connect" if failure.connect else "broken")
         if _may_retry(router, record, body, [*tried, member]):
             record.failover.append({"engine": base, "error": repr(exc)})
             return None
         record.outcome = "upstream_error"
         record.error = repr(exc)
-        response = _upstream_failure(exc, base, record.request_id)
-        record.status = response.status
-        return response
+        record.status = failure.status
+        return error_response(
+            failure.status, failure.message, code=failure.code, headers={REQUEST_ID: record.request_id}
+        )
 
     router.answered(member, upstream.status)
     if upstream.status in RETRY_STATUSES and _may_retry(router, record, body, [*tried, member]):
@@ -363,28 +364,6 @@ def _cause(exc: BaseException, kind: type[BodyTooLarge]) -> BodyTooLarge | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
-
-
-def _upstream_failure(exc: BaseException, base: str, request_id: str) -> web.Response:
-    headers = {REQUEST_ID: request_id}
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return error_response(
-            504, f"connecting to the engine at {base} timed out", code="upstream_connect_timeout", headers=headers
-        )
-    if isinstance(exc, TimeoutError):
-        return error_response(
-            504, f"the engine at {base} sent no response in time", code="upstream_timeout", headers=headers
-        )
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return error_response(
-            502,
-            f"the engine at {base} is unreachable: {exc.os_error.strerror or exc}",
-            code="upstream_unreachable",
-            headers=headers,
-        )
-    return error_response(
-        502, f"the engine at {base} failed before answering: {exc}", code="upstream_error", headers=headers
-    )
 
 
 def connection_tracing() -> aiohttp.TraceConfig:

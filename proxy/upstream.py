@@ -24,6 +24,27 @@ class Unavailable:
 
 
 @dataclass(frozen=True, slots=True)
+class FailedBeforeAnswer:
+    """What to tell a client, in either API's shape, when the engine failed before sending a response head."""
+
+    status: int
+    code: str
+    message: str
+    connect: bool  # the connection itself failed (the engine leaves rotation at once), not the exchange on it
+
+    @classmethod
+    def of(cls, exc: BaseException, base: str) -> FailedBeforeAnswer:
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return cls(504, "upstream_connect_timeout", f"connecting to the engine at {base} timed out", True)
+        if isinstance(exc, TimeoutError):
+            return cls(504, "upstream_timeout", f"the engine at {base} sent no response in time", False)
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            reason = exc.os_error.strerror or str(exc)
+            return cls(502, "upstream_unreachable", f"the engine at {base} is unreachable: {reason}", True)
+        return cls(502, "upstream_error", f"the engine at {base} failed before answering: {exc}", False)
+
+
+@dataclass(frozen=True, slots=True)
 class Readiness:
     ready: bool
     detail: dict[str, object] = field(default_factory=dict)

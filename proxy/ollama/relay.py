@@ -25,6 +25,7 @@ from flushgate.proxy.ollama.sse import SseEvents
 from flushgate.proxy.pool import EngineMember
 from flushgate.proxy.router import RETRY_STATUSES
 from flushgate.proxy.state import Gateway
+from flushgate.proxy.upstream import FailedBeforeAnswer
 from flushgate.record import RequestRecord
 from flushgate.timings import FAST_CHUNK_S, now
 
@@ -88,13 +89,13 @@ async def open_engine_stream(
                     trace_request_ctx=record.timings,  # the session's tracing stamps connect or pooled reuse here
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
-                connect = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
-                router.failed(member, "connect" if connect else "broken")
+                failure = FailedBeforeAnswer.of(exc, base)
+                router.failed(member, "connect" if failure.connect else "broken")
                 tried.append(member)
                 if router.may_retry(len(record.failover), tried):
                     record.failover.append({"engine": base, "error": repr(exc)})
                     continue
-                raise _failure_before_answer(record, base, exc) from None
+                raise _upstream_error(record, failure.status, failure.message) from None
             router.answered(member, upstream.status)
             if upstream.status == 200:
                 kept = True
@@ -113,17 +114,6 @@ async def open_engine_stream(
         finally:
             if not kept:
                 router.release(member)
-
-
-def _failure_before_answer(record: RequestRecord, base: str, exc: BaseException) -> OllamaError:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return _upstream_error(record, 504, f"connecting to the engine at {base} timed out")
-    if isinstance(exc, TimeoutError):
-        return _upstream_error(record, 504, f"the engine at {base} sent no response in time")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        reason = exc.os_error.strerror or str(exc)
-        return _upstream_error(record, 502, f"the engine at {base} is unreachable: {reason}")
-    return _upstream_error(record, 502, f"the engine at {base} failed before answering: {exc}")
 
 
 def _upstream_error(record: RequestRecord, status: int, message: str) -> OllamaError:
