@@ -1,0 +1,67 @@
+"""Gateways attached to the shared real CPU vLLM (SmolLM2-135M-Instruct): ``--workers 2`` serving one port, and the
+chat page behind ``--api-key``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from playwright.async_api import expect
+
+from tests.chat_browser import chat_page
+from tests.real.conftest import GatewayProcess
+from tests.test_workers import WorkerGroup, request_id_is
+
+MODEL = "smollm2-135m-instruct"
+KEY = "real-page-key"
+
+
+@pytest.fixture
+def keyed_gateway(smol_gateway: GatewayProcess) -> Iterator[GatewayProcess]:
+    gateway = GatewayProcess("--upstream", smol_gateway.engine["url"], env={"FLUSHGATE_API_KEY": KEY})
+    yield gateway
+    gateway.stop()
+
+
+async def test_two_workers_on_one_port_both_answer_with_the_real_engine(smol_gateway: GatewayProcess) -> None:
+    group = await WorkerGroup.start(smol_gateway.engine["url"], 2)
+    try:
+        listening = [await group.event("listening") for _ in range(2)]
+        assert sorted(event["worker"] for event in listening) == [0, 1]
+        served: set[int] = set()
+        for i in range(32):  # a new client, so a new connection, each time: the kernel picks the worker
+            client = openai.AsyncOpenAI(base_url=group.base + "/v1", api_key="none", max_retries=0)
+            try:
+                reply = await client.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": "What is the capital of France?"}],
+                    max_tokens=16,
+                    temperature=0,
+                    extra_headers={"X-Request-ID": f"workers-{i}"},
+                )
+            finally:
+                await client.close()
+            assert "Paris" in (reply.choices[0].message.content or "")
+            record = await group.event("request", request_id_is(f"workers-{i}"))
+            served.add(record["worker"])
+            if served == {0, 1}:
+                break
+        assert served == {0, 1}
+    finally:
+        await group.kill()
+
+
+async def test_the_chat_page_asks_for_the_key_and_streams_the_real_answer(
+    keyed_gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    async with chat_page(tmp_path) as chat:
+        await chat.page.goto(keyed_gateway.url + "/")
+        await expect(chat.page.locator("#status")).to_contain_text("no API key given")
+        await chat.page.fill("#api-key", KEY)
+        await chat.page.press("#api-key", "Enter")
+        await expect(chat.page.locator("#model option")).to_have_count(1)
+        answer = await chat.ask("What is the capital of France?")
+        await chat.wait_finished(answer)
+        await expect(answer.locator(".body")).to_contain_text("Paris")
