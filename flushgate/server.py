@@ -28,7 +28,6 @@ from flushgate.proxy.app import build_app
 from flushgate.proxy.discovery import DnsDiscovery, DnsTarget, SrvLookup, dnspython_srv
 from flushgate.proxy.health_checks import HealthChecker
 from flushgate.proxy.ollama.settings import OllamaSettings, parse_thinking_aliases
-from flushgate.proxy.passthrough import connection_tracing
 from flushgate.proxy.pool import Ejection, EnginePool
 from flushgate.proxy.router import Router, RoutingPolicy
 from flushgate.proxy.state import Gateway
@@ -133,7 +132,7 @@ class Server:
             engine_restarts=(lambda: float(sum(s.restarts for s in supervisors))) if supervisors else None,
             router=router,
         )
-        session = open_session(config.timeouts, [connection_tracing()])
+        session = open_session(config.timeouts)
         self.gateway = Gateway(
             backend=router if router.several else backends[0],
             router=router,
@@ -230,6 +229,7 @@ class Server:
             await self._runner.cleanup()
         if self.gateway is not None:
             await self.gateway.session.close()
+            self.gateway.engines.close()
         self.log.info("stopped")
 
 

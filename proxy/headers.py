@@ -44,7 +44,7 @@ def _end_to_end(headers: MultiMapping[str], also_drop: frozenset[str]) -> CIMult
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
-_NOT_FORWARDED_UP = frozenset({"host", "accept-encoding", "x-request-id"})
+_NOT_FORWARDED_UP = frozenset({"host", "accept-encoding", "x-request-id", "expect"})  # Expect: answered on this hop
 _NOT_FORWARDED_DOWN = frozenset({"x-request-id"})
 
 

@@ -1,9 +1,11 @@
-"""The hot path: forward a request upstream and stream the answer back, chunk by chunk, untouched.
+"""The hot path: forward a request to an engine and stream the answer back, chunk by chunk, untouched.
 
-Per chunk the loop reads what upstream has, stamps the time, writes it to the client and notes how long the
-write took. Nothing is parsed, joined or held back (the only look inside is a short pattern search for the first
-generated token, and only until it is found); ``write`` hands the bytes to the transport at once and only waits
-when the client's socket is full, which is the backpressure that reaches the engine.
+The request goes out on one of the gateway's own connections to the engine (proxy/engine_http.py). Once the
+answer's head is in, each read of the engine's socket is handed to ``ClientSink.write`` in the read callback:
+stamp the time, write it to the client, note how long the write took. Nothing is parsed beyond HTTP's own framing,
+joined across reads or held back (the only look inside is a short pattern search for the first generated token,
+and only until it is found). When the client's socket is full, reading from the engine pauses until it drains,
+which is the backpressure that reaches the engine.
 """
 
 from __future__ import annotations
@@ -11,19 +13,26 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
+from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from flushgate.proxy.affinity import affinity_key
 from flushgate.proxy.body import OutgoingBody, read_ahead
+from flushgate.proxy.engine_http import (
+    EngineBroken,
+    EngineConnectError,
+    EngineConnection,
+    EngineConnectTimeout,
+    EngineIdle,
+    request_head,
+)
 from flushgate.proxy.errors import error_response, terminal_event
 from flushgate.proxy.headers import (
     REQUEST_ID,
+    StreamKind,
     client_response_headers,
     new_request_id,
     stream_kind,
@@ -43,6 +52,7 @@ FIRST_TOKEN = re.compile(
 MODEL_FIELD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
 TIMING_OPT_IN = "X-Flushgate-Timing"
 CONTENT_CAP = 1 << 20  # --log-content keeps at most this much of each side
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when the client sent no body
 # Engine answers that mean "not this engine, not now": tried on another engine while the client has seen nothing.
 
 
@@ -131,51 +141,89 @@ async def _attempt(
     assert router is not None
     base = member.url
     record.served_by = base
-    data: bytes | AsyncIterator[bytes] | None = None
-    if body is not None:
-        data = body.payload()
-    elif request.body_exists:
-        data = _request_body(request, record, gateway.log_content, gateway.max_body_bytes)
+    engines = gateway.engines
     try:
-        upstream = await gateway.session.request(
-            request.method,
-            URL(base + request.raw_path, encoded=True),
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-            trace_request_ctx=record.timings,
-        )
-    except (aiohttp.ClientError, TimeoutError, BodyTooLarge) as exc:
-        too_large = _cause(exc, BodyTooLarge)
-        if too_large:  # the client's fault, not the engine's: no failover, nothing held against the engine
-            return _too_large(record, too_large, exc)
-        failure = FailedBeforeAnswer.of(exc, base)
-        router.failed(member, "connect" if failure.connect else "broken")
-        if _may_retry(router, record, body, [*tried, member]):
-            record.failover.append({"engine": base, "error": repr(exc)})
+        conn = await engines.acquire(base, gateway.timeouts.connect, record.timings)
+    except (EngineConnectError, EngineConnectTimeout) as exc:
+        return _failed_before_answer(router, member, record, body, tried, exc)
+    uploading: asyncio.Future[None] | None = None
+    try:
+        data, stream, framed, framing = _outgoing(request, record, gateway, headers, body)
+        host = engines.address(base).host_header
+        head = conn.send(request_head(request.method, request.raw_path, host, headers, framing), data, gateway.timeouts.idle)
+        if stream is not None:
+            uploading = asyncio.ensure_future(conn.send_stream(stream, framed))
+            await asyncio.wait((head, uploading), return_when=asyncio.FIRST_COMPLETED)
+            if uploading.done() and (failed := uploading.exception()) is not None:
+                if not head.done() or head.exception() is None:
+                    head.cancel()
+                    if isinstance(failed, BodyTooLarge):  # the client's fault: no failover, nothing held against the engine
+                        return _too_large(record, failed, failed)
+                    raise failed
+        try:
+            await head
+        except (EngineBroken, EngineIdle) as exc:
+            return _failed_before_answer(router, member, record, body, tried, exc)
+        router.answered(member, conn.status)
+        if conn.status in RETRY_STATUSES and _may_retry(router, record, body, [*tried, member]):
+            record.failover.append({"engine": base, "error": f"status {conn.status}"})
             return None
-        record.outcome = "upstream_error"
-        record.error = repr(exc)
-        record.status = failure.status
-        return error_response(
-            failure.status, failure.message, code=failure.code, headers={REQUEST_ID: record.request_id}
-        )
-
-    router.answered(member, upstream.status)
-    if upstream.status in RETRY_STATUSES and _may_retry(router, record, body, [*tried, member]):
-        upstream.close()
-        record.failover.append({"engine": base, "error": f"status {upstream.status}"})
-        return None
-    try:
-        return await _relay(request, upstream, gateway, record)
+        if request.method == "HEAD":
+            conn.end_without_body()
+        return await _relay(request, conn, gateway, record)
     finally:
+        if uploading is not None and not uploading.done():
+            uploading.cancel()
         if record.outcome in ("upstream_error", "idle_timeout"):
             router.failed(member, "broken")
-        # Anything short of a complete read closes the upstream connection, which is how vLLM learns to abort.
-        if upstream.content.at_eof() and record.outcome == "completed":
-            upstream.release()
+        # Anything short of a complete read closes the engine connection, which is how vLLM learns to abort.
+        if record.outcome == "completed":
+            engines.release(conn)
         else:
-            upstream.close()
+            conn.abort()
+
+
+def _outgoing(
+    request: web.Request,
+    record: RequestRecord,
+    gateway: Gateway,
+    headers: CIMultiDict[str],
+    body: OutgoingBody | None,
+) -> tuple[bytes | None, AsyncIterator[bytes] | None, bool, bytes]:
+    """The body to send at once or to stream, whether a stream goes in chunks, and the header that frames it."""
+    payload: bytes | AsyncIterator[bytes] | None = None
+    if body is not None:
+        payload = body.payload()
+    elif request.body_exists:
+        payload = _request_body(request, record, gateway.log_content, gateway.max_body_bytes)
+    if isinstance(payload, bytes):
+        return payload, None, False, b"Content-Length: %d\r\n" % len(payload)
+    if payload is not None:
+        if "Content-Length" in headers:  # the client's own length still holds for the bytes that stream on
+            return None, payload, False, b""
+        return None, payload, True, b"Transfer-Encoding: chunked\r\n"
+    return None, None, False, b"Content-Length: 0\r\n" if request.method in BODY_METHODS else b""
+
+
+def _failed_before_answer(
+    router: Router,
+    member: EngineMember,
+    record: RequestRecord,
+    body: OutgoingBody | None,
+    tried: list[EngineMember],
+    exc: BaseException,
+) -> web.Response | None:
+    """The engine failed before its answer's head: try another (None) while allowed, else an error response."""
+    base = member.url
+    failure = FailedBeforeAnswer.of(exc, base)
+    router.failed(member, "connect" if failure.connect else "broken")
+    if _may_retry(router, record, body, [*tried, member]):
+        record.failover.append({"engine": base, "error": repr(exc)})
+        return None
+    record.outcome = "upstream_error"
+    record.error = repr(exc)
+    record.status = failure.status
+    return error_response(failure.status, failure.message, code=failure.code, headers={REQUEST_ID: record.request_id})
 
 
 def _may_retry(router: Router, record: RequestRecord, body: OutgoingBody | None, tried: list[EngineMember]) -> bool:
@@ -226,76 +274,156 @@ async def _request_body(request: web.Request, record: RequestRecord, keep: bool,
 
 
 async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, gateway: Gateway, record: RequestRecord
+    request: web.Request, conn: EngineConnection, gateway: Gateway, record: RequestRecord
 ) -> web.StreamResponse:
     timings = record.timings
     timings.upstream_headers = now()
-    record.status = upstream.status
-    kind = stream_kind(upstream.headers.get("Content-Type"))
+    record.status = conn.status
+    upstream_headers = conn.headers()
+    kind = stream_kind(upstream_headers.get("Content-Type"))
     record.stream = kind is not None
-    headers = client_response_headers(upstream.headers, record.request_id)
+    headers = client_response_headers(upstream_headers, record.request_id)
     headers["Server-Timing"] = _server_timing(timings)
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-    kept = bytearray() if gateway.log_content else None
-    # Per-chunk sums live in locals while the stream runs and are added to the record when it ends.
-    blocked = 0.0
-    fast = events = 0
+    response = web.StreamResponse(status=conn.status, reason=conn.reason or None, headers=headers)
+    sink: ClientSink | None = None
     try:
-        await response.prepare(request)
-        read = upstream.content.readany
-        write = response.write
-        arrived = timings.arrivals.append
-        slow = timings.slow_chunks.append
-        hops = gateway.hop_timing
-        separator = b"\n\n" if kind == "sse" else b"\n"
-        token_seen = kind is None or not hops  # only event streams are searched for their first token
-        last = b""
+        writer = await response.prepare(request)
+        transport = request.transport
+        if writer is None or transport is None:
+            raise ConnectionResetError("the client's connection is closed")
+        sink = ClientSink(
+            transport,
+            request.protocol,
+            conn,
+            timings,
+            kind=kind,
+            hops=gateway.hop_timing,
+            chunked=response.headers.get("Transfer-Encoding") == "chunked",
+            keep=gateway.log_content,
+        )
+        event = conn.attach(sink.write)
         while True:
             try:
-                chunk = await read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                await _end_broken_stream(request, response, upstream, gateway, record, exc, last)
+                ended = await event
+            except (EngineBroken, EngineIdle) as exc:
+                sink.add_sums()
+                await _end_broken_stream(request, response, kind, gateway, record, exc, sink.last)
                 return response
-            if not chunk:
+            if ended:
                 break
-            last = chunk
-            timings.bytes_out += len(chunk)
-            if kept is not None and len(kept) < CONTENT_CAP:
-                kept += chunk[: CONTENT_CAP - len(kept)]
-            if not hops:
-                await write(chunk)
-                continue
-            stamp = now()
-            arrived(stamp)
-            await write(chunk)
-            took = now() - stamp  # all of it inside the write: backpressure from the client, if any
-            blocked += took
-            if took > FAST_CHUNK_S:
-                slow(took)
-            else:
-                fast += 1
-            events += chunk.count(separator)
-            if not token_seen and FIRST_TOKEN.search(chunk):
-                timings.first_token = stamp
-                token_seen = True
-        _add_chunk_sums(timings, blocked, fast, events)
-        blocked, fast, events = 0.0, 0, 0
+            paused = now()  # the client's socket is full: reading from the engine waits until it drains
+            await writer.drain()
+            sink.blocked_for(now() - paused)
+            conn.resume()
+            event = conn.next_event()
+        sink.add_sums()
         if kind == "sse" and (gateway.timing_summary or request.headers.get(TIMING_OPT_IN) == "summary"):
             await response.write(await _timing_comment(gateway, record))
     except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError: the client went away
         record.outcome = "client_abort"
         record.error = repr(exc)
     finally:
-        _add_chunk_sums(timings, blocked, fast, events)
-        if kept is not None:
-            record.content = {**(record.content or {}), "response": kept.decode("utf-8", "replace")}
+        if sink is not None:
+            sink.add_sums()
+            if sink.kept is not None:
+                record.content = {**(record.content or {}), "response": sink.kept.decode("utf-8", "replace")}
     return response
 
 
-def _add_chunk_sums(timings: RequestTimings, blocked: float, fast: int, events: int) -> None:
-    timings.write_blocked += blocked
-    timings.fast_chunks += fast
-    timings.events += events
+class ClientSink:
+    """Writes what each read of the engine's socket brought to the client's socket, from the read callback.
+
+    The hot path: stamp the arrival, write (framing it as one HTTP chunk when the client's answer is chunked),
+    note how long the write took. A write never waits; when the client's socket is full, reading from the engine
+    pauses (``conn.pause``) and the relaying task drains the client's side before reading resumes.
+    """
+
+    __slots__ = (
+        "_transport", "_protocol", "_conn", "_timings", "_arrived", "_slow", "_hops", "_chunked", "_separator",
+        "_token_seen", "kept", "last", "_blocked", "_fast", "_events", "_last_took", "_last_slow",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        protocol: Any,
+        conn: EngineConnection,
+        timings: RequestTimings,
+        *,
+        kind: StreamKind | None,
+        hops: bool,
+        chunked: bool,
+        keep: bool,
+    ) -> None:
+        self._transport = transport
+        self._protocol = protocol  # aiohttp's server protocol: ``writing_paused`` is the transport's own signal
+        self._conn = conn
+        self._timings = timings
+        self._arrived = timings.arrivals.append
+        self._slow = timings.slow_chunks.append
+        self._hops = hops
+        self._chunked = chunked
+        self._separator = b"\n\n" if kind == "sse" else b"\n"
+        self._token_seen = kind is None or not hops  # only event streams are searched for their first token
+        self.kept = bytearray() if keep else None
+        self.last = b""
+        # Per-chunk sums live here while the stream runs and are added to the record when it ends.
+        self._blocked = 0.0
+        self._fast = 0
+        self._events = 0
+        self._last_took = 0.0
+        self._last_slow = False
+
+    def write(self, chunk: bytes) -> None:
+        transport = self._transport
+        if transport.is_closing():  # the client has gone; its handler is being cancelled
+            self._conn.pause()
+            return
+        self.last = chunk
+        self._timings.bytes_out += len(chunk)
+        if self.kept is not None and len(self.kept) < CONTENT_CAP:
+            self.kept += chunk[: CONTENT_CAP - len(self.kept)]
+        data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk
+        if not self._hops:
+            transport.write(data)
+        else:
+            stamp = now()
+            self._arrived(stamp)
+            transport.write(data)
+            took = now() - stamp
+            self._blocked += took
+            self._last_took = took
+            if took > FAST_CHUNK_S:
+                self._slow(took)
+                self._last_slow = True
+            else:
+                self._fast += 1
+                self._last_slow = False
+            self._events += chunk.count(self._separator)
+            if not self._token_seen and FIRST_TOKEN.search(chunk):
+                self._timings.first_token = stamp
+                self._token_seen = True
+        if self._protocol.writing_paused:
+            self._conn.pause()
+
+    def blocked_for(self, seconds: float) -> None:
+        """The client kept the stream waiting: added to the write that filled its socket."""
+        if not self._hops or seconds <= 0:
+            return
+        self._blocked += seconds
+        slow = self._timings.slow_chunks
+        if slow and self._last_slow:
+            slow[-1] += seconds
+        elif self._fast:
+            self._fast -= 1
+            self._slow(self._last_took + seconds)
+
+    def add_sums(self) -> None:
+        timings = self._timings
+        timings.write_blocked += self._blocked
+        timings.fast_chunks += self._fast
+        timings.events += self._events
+        self._blocked, self._fast, self._events = 0.0, 0, 0
 
 
 def _server_timing(t: RequestTimings) -> str:
@@ -324,7 +452,7 @@ async def _timing_comment(gateway: Gateway, record: RequestRecord) -> bytes:
 async def _end_broken_stream(
     request: web.Request,
     response: web.StreamResponse,
-    upstream: aiohttp.ClientResponse,
+    kind: StreamKind | None,
     gateway: Gateway,
     record: RequestRecord,
     exc: BaseException,
@@ -345,7 +473,6 @@ async def _end_broken_stream(
         engine = record.served_by or gateway.backend.base_url
         message = f"the engine at {engine} ended the stream before it was complete"
         code = "upstream_disconnected"
-    kind = stream_kind(upstream.headers.get("Content-Type"))
     if kind is not None:
         separator = b"\n\n" if kind == "sse" else b"\n"
         # An event cut in the middle is closed first, so the error is an event of its own.
@@ -355,35 +482,3 @@ async def _end_broken_stream(
     elif request.transport is not None:
         request.transport.close()
 
-
-def _cause(exc: BaseException, kind: type[BodyTooLarge]) -> BodyTooLarge | None:
-    """``exc`` or the error it was raised from, if of ``kind`` (aiohttp wraps what a request body raises)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, kind):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def connection_tracing() -> aiohttp.TraceConfig:
-    """Stamps connect start/end, or notes a pooled connection, into the ``RequestTimings`` of each request."""
-    trace = aiohttp.TraceConfig()
-
-    async def create_start(session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object) -> None:
-        if isinstance(timings := ctx.trace_request_ctx, RequestTimings):
-            timings.connect_start = now()
-            timings.connection_reused = False
-
-    async def create_end(session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object) -> None:
-        if isinstance(timings := ctx.trace_request_ctx, RequestTimings):
-            timings.connect_end = now()
-
-    async def reused(session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object) -> None:
-        if isinstance(timings := ctx.trace_request_ctx, RequestTimings):
-            timings.connection_reused = True
-
-    trace.on_connection_create_start.append(create_start)
-    trace.on_connection_create_end.append(create_end)
-    trace.on_connection_reuseconn.append(reused)
-    return trace

@@ -12,7 +12,8 @@ from aiohttp import web
 from flushgate.config import Timeouts
 from flushgate.proxy.ollama.settings import OllamaSettings
 from flushgate.proxy.router import Router
-from flushgate.proxy.upstream import Backend, Unavailable
+from flushgate.proxy.engine_http import EngineConnections
+from flushgate.proxy.upstream import POOL_KEEPALIVE_S, Backend, Unavailable
 from flushgate.recorder import Recorder
 
 
@@ -32,6 +33,8 @@ class Gateway:
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     ollama: OllamaSettings = field(default_factory=OllamaSettings)
     router: Router | None = None  # picks the engine per request; None: one made for ``backend`` alone
+    # The pass-through's own connections to the engines (proxy/engine_http.py); ``session`` serves the rest.
+    engines: EngineConnections = field(default_factory=lambda: EngineConnections(POOL_KEEPALIVE_S))
 
     def __post_init__(self) -> None:
         self._idle.set()

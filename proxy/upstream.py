@@ -8,6 +8,7 @@ from typing import Protocol
 import aiohttp
 
 from flushgate.config import Timeouts
+from flushgate.proxy.engine_http import EngineConnectError, EngineConnectTimeout
 
 # Below uvicorn's 5 s keep-alive (vLLM's server), so a pooled connection is never reused just as the engine
 # closes it.
@@ -34,11 +35,11 @@ class FailedBeforeAnswer:
 
     @classmethod
     def of(cls, exc: BaseException, base: str) -> FailedBeforeAnswer:
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        if isinstance(exc, (aiohttp.ConnectionTimeoutError, EngineConnectTimeout)):
             return cls(504, "upstream_connect_timeout", f"connecting to the engine at {base} timed out", True)
         if isinstance(exc, TimeoutError):
             return cls(504, "upstream_timeout", f"the engine at {base} sent no response in time", False)
-        if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc, (aiohttp.ClientConnectorError, EngineConnectError)):
             reason = exc.os_error.strerror or str(exc)
             return cls(502, "upstream_unreachable", f"the engine at {base} is unreachable: {reason}", True)
         return cls(502, "upstream_error", f"the engine at {base} failed before answering: {exc}", False)
@@ -92,8 +93,8 @@ async def probe_health(
         return Readiness(False, {"upstream": base_url, "error": str(exc) or type(exc).__name__})
 
 
-def open_session(timeouts: Timeouts, trace_configs: list[aiohttp.TraceConfig] | None = None) -> aiohttp.ClientSession:
-    """One pooled session for all upstream traffic.
+def open_session(timeouts: Timeouts) -> aiohttp.ClientSession:
+    """One pooled session for the engine traffic the pass-through does not carry (Ollama routes, health, models).
 
     No connection cap (aiohttp's default of 100 would silently queue the 101st stream), no decompression (bytes
     are forwarded as sent), no cookie jar (a gateway must not carry one user's cookies to another), and no total
@@ -106,5 +107,4 @@ def open_session(timeouts: Timeouts, trace_configs: list[aiohttp.TraceConfig] | 
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Content-Type"),
-        trace_configs=trace_configs,
     )

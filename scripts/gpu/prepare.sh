@@ -21,7 +21,7 @@ rm -rf .gpu/fg && mkdir -p .gpu/fg/wheels .gpu/fg/debs
 PLAT="--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
 "$PY" -m pip download -q --no-deps $PLAT -d .gpu/fg/wheels \
-    uvloop orjson structlog prometheus-client dnspython protobuf opentelemetry-proto opentelemetry-api opentelemetry-sdk \
+    uvloop httptools orjson structlog prometheus-client dnspython protobuf opentelemetry-proto opentelemetry-api opentelemetry-sdk \
     opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-otlp-proto-common grpcio \
     opentelemetry-exporter-otlp-common opentelemetry-exporter-http-transport \
     opentelemetry-semantic-conventions opentelemetry-semantic-conventions-ai googleapis-common-protos \

@@ -1,0 +1,397 @@
+"""HTTP/1.1 to the engine on a bare asyncio protocol, so each read of the engine's socket is written on to the
+client from the read callback itself.
+
+aiohttp's client hands every read to a ``StreamReader`` and wakes the relaying task to take it out again: a
+future, a task step and the reader's bookkeeping per chunk, which under hundreds of streams was most of the
+gateway's CPU. Here llhttp (``httptools``) finds the body in what one read brought, and the response's sink
+gets it in the same callback: one parse, one write. The relaying task wakes only when the answer ends, or when
+the client's socket is full and the engine must wait (backpressure: reading from the engine pauses until the
+client's side drains).
+
+One ``EngineConnection`` carries one exchange at a time; ``EngineConnections`` keeps the idle ones per engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Callable
+from typing import Final, NamedTuple, cast
+from urllib.parse import urlsplit
+
+import httptools
+from multidict import CIMultiDict
+
+from flushgate.timings import RequestTimings, now
+
+Sink = Callable[[bytes], None]  # takes the body bytes of one read; must not block
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
+
+
+class EngineConnectError(Exception):
+    """The connection to the engine could not be made."""
+
+    def __init__(self, base: str, os_error: OSError) -> None:
+        super().__init__(f"cannot connect to {base}: {os_error.strerror or os_error}")
+        self.os_error = os_error
+
+
+class EngineConnectTimeout(TimeoutError):
+    """Connecting to the engine took longer than the connect timeout."""
+
+
+class EngineIdle(TimeoutError):
+    """The engine sent nothing for the idle timeout (before or within its answer)."""
+
+
+class EngineBroken(Exception):
+    """The engine closed the connection, or sent something that is not HTTP, before its answer was complete."""
+
+
+class EngineAddress(NamedTuple):
+    host: str
+    port: int
+    tls: ssl.SSLContext | None
+    host_header: str
+
+
+class EngineConnection(asyncio.Protocol):
+    """One keep-alive connection to an engine, carrying one request and its answer at a time."""
+
+    def __init__(self, key: str, pool: EngineConnections) -> None:
+        self.key = key
+        self._pool = pool
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self.status = 0
+        self.reason = ""
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head: asyncio.Future[None] | None = None
+        self._event: asyncio.Future[bool] | None = None  # True: the answer ended; False: the client must drain
+        self._sink: Sink | None = None
+        self._pieces: list[bytes] = []
+        self.complete = False
+        self._interim = False
+        self._until_close = False
+        self._keep_alive = False
+        self._error: BaseException | None = None
+        self._idle_s: float | None = None
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self.reading_paused = False
+        self._writable: asyncio.Future[None] | None = None
+        self.closed = False
+        self.idle_since = 0.0
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self._loop.time()
+        parser = self._parser
+        if parser is None:  # bytes while no request is out: the connection cannot be trusted any more
+            self.abort()
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._flush()  # what was valid before the fault still goes to the client
+            self._fail(EngineBroken(f"the engine's answer is not valid HTTP: {exc}"))
+            self.abort()
+            return
+        if self._pieces and self._sink is not None:
+            self._flush()
+        if self.complete:
+            self._end()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool.forget(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        if self._parser is None or self.complete:
+            return
+        head = self._head
+        if head is not None and head.done() and self._until_close and exc is None:
+            self.complete = True  # a body without length or chunks ends when the engine closes
+            self._end()
+            return
+        reason = f": {exc}" if exc else ""
+        self._fail(EngineBroken(f"the engine closed the connection before the answer was complete{reason}"))
+
+    def pause_writing(self) -> None:
+        self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    # -- httptools callbacks ------------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # bytes after the answer: the connection is out of step with its requests
+            self._keep_alive = False
+
+    def on_status(self, status: bytes) -> None:
+        self.reason = status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer (e.g. 103); the real one follows
+            self._interim = True
+            self._raw_headers = []
+            return
+        self.status = status
+        self._keep_alive = parser.should_keep_alive()
+        names = {name.lower() for name, _ in self._raw_headers}
+        self._until_close = (
+            b"content-length" not in names and b"transfer-encoding" not in names and status not in _NO_BODY_STATUSES
+        )
+        if self._head is not None and not self._head.done():
+            self._head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self._pieces.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self.complete = True
+
+    # -- the exchange -------------------------------------------------------------------------------------------
+
+    def send(self, head: bytes, body: bytes | None, idle_s: float | None) -> asyncio.Future[None]:
+        """Write a request; the future is done when the answer's head has arrived."""
+        assert self.transport is not None
+        self._parser = httptools.HttpResponseParser(self)
+        self.status, self.reason, self._raw_headers, self._pieces = 0, "", [], []
+        self.complete = self._interim = self._until_close = False
+        self._sink, self._error, self._event = None, None, None
+        self._head = head_future = self._loop.create_future()
+        self._idle_s = idle_s
+        self._last_read = self._loop.time()
+        if idle_s:
+            self._timer = self._loop.call_at(self._last_read + idle_s, self._check_idle)
+        self.transport.write(head + body if body else head)
+        return head_future
+
+    async def send_stream(self, chunks: AsyncIterator[bytes], framed: bool) -> None:
+        """Write the rest of a request body as it arrives, waiting while the engine's socket is full."""
+        assert self.transport is not None
+        write = self.transport.write
+        async for chunk in chunks:
+            if self.closed:
+                return
+            if chunk:
+                write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if framed else chunk)
+            if self._writable is not None:
+                await self._writable
+        if framed and not self.closed:
+            write(b"0\r\n\r\n")
+
+    def headers(self) -> CIMultiDict[str]:
+        # As aiohttp's client reads them: UTF-8, and bytes that are not kept as they were (surrogateescape).
+        return CIMultiDict(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in self._raw_headers
+        )
+
+    def attach(self, sink: Sink) -> asyncio.Future[bool]:
+        """From now on the body goes to ``sink``; what came with the head goes at once. The future answers
+        True when the body has ended, False when the client's socket is full (drain, then ``resume``), and
+        raises ``EngineBroken`` or ``EngineIdle`` if the answer cannot complete."""
+        self._sink = sink
+        self._event = event = self._loop.create_future()
+        self._flush()
+        if self._error is not None:
+            event.set_exception(self._error)
+        elif self.complete:
+            self._end()
+        return event
+
+    def next_event(self) -> asyncio.Future[bool]:
+        self._event = event = self._loop.create_future()
+        if self._error is not None:
+            event.set_exception(self._error)
+        elif self.complete:
+            event.set_result(True)
+        return event
+
+    def pause(self) -> None:
+        """The client's socket is full: stop reading from the engine and wake the relaying task to drain it."""
+        if self.transport is not None and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+            if self._event is not None and not self._event.done():
+                self._event.set_result(False)
+
+    def resume(self) -> None:
+        if self.reading_paused:
+            self.reading_paused = False
+            self._last_read = self._loop.time()  # waiting for the client is not the engine's silence
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def end_without_body(self) -> None:
+        """An answer to HEAD: no body follows, whatever its head says, and llhttp cannot be told so."""
+        self.complete = True
+        self._keep_alive = False
+        self._cancel_timer()
+
+    def park(self) -> None:
+        """Between exchanges: any byte the engine sends now is a fault, and the keep-alive clock runs."""
+        self._parser = None
+        self.idle_since = self._loop.time()
+
+    @property
+    def reusable(self) -> bool:
+        return self.complete and self._keep_alive and not self.closed and not self.reading_paused
+
+    def abort(self) -> None:
+        """Close at once (RST): how the engine learns that a request's client has gone."""
+        self._cancel_timer()
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        pieces = self._pieces
+        if pieces and self._sink is not None:
+            self._sink(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            pieces.clear()
+
+    def _end(self) -> None:
+        self._cancel_timer()
+        event = self._event
+        if event is not None and not event.done():
+            event.set_result(True)
+
+    def _fail(self, error: BaseException) -> None:
+        self._cancel_timer()
+        if self._error is None:
+            self._error = error
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(error)
+            return
+        event = self._event
+        if event is not None and not event.done():
+            event.set_exception(error)
+
+    def _check_idle(self) -> None:
+        idle_s = self._idle_s
+        assert idle_s
+        if self.reading_paused:
+            due = self._loop.time() + idle_s
+        else:
+            due = self._last_read + idle_s
+            if self._loop.time() >= due:
+                self._timer = None
+                self._fail(EngineIdle(f"the engine sent nothing for {idle_s:g} s"))
+                self.abort()
+                return
+        self._timer = self._loop.call_at(due, self._check_idle)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class EngineConnections:
+    """Keep-alive connections per engine base URL: the most recently used idle one is taken first."""
+
+    def __init__(self, keepalive_s: float) -> None:
+        self._keepalive_s = keepalive_s
+        self._idle: dict[str, list[EngineConnection]] = {}
+        self._addresses: dict[str, EngineAddress] = {}
+        self._open: set[EngineConnection] = set()
+
+    async def acquire(self, base: str, connect_s: float, timings: RequestTimings) -> EngineConnection:
+        idle = self._idle.get(base)
+        clock = asyncio.get_running_loop().time()
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if clock - conn.idle_since >= self._keepalive_s:
+                conn.abort()
+                continue
+            timings.connection_reused = True
+            return conn
+        host, port, context, _ = self.address(base)
+        timings.connect_start = now()
+        timings.connection_reused = False
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(connect_s):
+                _, conn = await loop.create_connection(
+                    lambda: EngineConnection(base, self), host, port, ssl=context, server_hostname=host if context else None
+                )
+        except TimeoutError as exc:
+            raise EngineConnectTimeout(f"connecting to {base} took over {connect_s:g} s") from exc
+        except OSError as exc:
+            raise EngineConnectError(base, exc) from exc
+        timings.connect_end = now()
+        self._open.add(conn)
+        return conn
+
+    def release(self, conn: EngineConnection) -> None:
+        """Back to the pool if its answer was read to the end on a keep-alive connection, else closed."""
+        if not conn.reusable:
+            conn.abort()
+            return
+        conn.park()
+        self._idle.setdefault(conn.key, []).append(conn)
+
+    def idle_count(self, base: str) -> int:
+        return sum(not conn.closed for conn in self._idle.get(base, ()))
+
+    def forget(self, conn: EngineConnection) -> None:
+        self._open.discard(conn)
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def address(self, base: str) -> EngineAddress:
+        """Host, port, TLS context and Host header of ``base`` (a URL without a path), worked out once."""
+        found = self._addresses.get(base)
+        if found is None:
+            parts = urlsplit(base)
+            tls = parts.scheme == "https"
+            host = parts.hostname or "localhost"
+            port = parts.port or (443 if tls else 80)
+            shown = f"[{host}]" if ":" in host else host
+            host_header = shown if parts.port is None else f"{shown}:{port}"
+            context = ssl.create_default_context() if tls else None
+            found = EngineAddress(host, port, context, host_header)
+            self._addresses[base] = found
+        return found
+
+    def close(self) -> None:
+        for conn in list(self._open):
+            conn.abort()
+        self._idle.clear()
+
+
+def request_head(method: str, target: str, host: str, headers: CIMultiDict[str], framing: bytes) -> bytes:
+    """The request line and headers, as the client's bytes were (surrogateescape undoes aiohttp's decoding)."""
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("utf-8", "surrogateescape")]
+    for name, value in headers.items():
+        lines.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+    lines.append(framing)
+    lines.append(b"\r\n")
+    return b"".join(lines)

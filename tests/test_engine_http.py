@@ -1,0 +1,220 @@
+"""The pass-through's own HTTP/1.1 connections to the engine, against an engine that answers with exact bytes.
+
+An aiohttp test server cannot send a body without length, an interim answer, broken framing or bytes between
+answers; a raw socket can, and shows what the gateway sent on which connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+import pytest
+
+from flushgate.config import Config, Timeouts
+from flushgate.server import Server
+
+GUARD_S = 10
+Answer = Callable[[asyncio.StreamWriter], "asyncio.Future[None] | None"]
+
+
+@dataclass
+class Seen:
+    connection: int
+    head: bytes
+    body: bytes
+
+
+@dataclass
+class RawEngine:
+    """Answers the n-th request with ``answers[n]`` (bytes, written as they are), then keeps or closes the
+    connection as the answer's ``close`` says."""
+
+    answers: list[tuple[bytes, bool]] = field(default_factory=list)
+    seen: list[Seen] = field(default_factory=list)
+    connections: int = 0
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    port: int = 0
+    _server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self.writers:
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number = self.connections
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = b""
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        body = await reader.readexactly(int(line.split(b":", 1)[1]))
+                self.seen.append(Seen(number, head, body))
+                answer, close = self.answers[len(self.seen) - 1]
+                writer.write(answer)
+                await writer.drain()
+                if close:
+                    writer.close()
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[RawEngine]:
+    raw = RawEngine()
+    await raw.start()
+    yield raw
+    await raw.stop()
+
+
+@pytest.fixture
+async def gateway(engine: RawEngine) -> AsyncIterator[Server]:
+    server = Server(Config(upstream=engine.url, port=0, timeouts=Timeouts(connect=5.0, idle=5.0, drain=1.0)))
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def gateway_url(gateway: Server) -> str:
+    return f"http://127.0.0.1:{gateway.port}"
+
+
+def answer(status: str, headers: list[str], body: bytes = b"") -> bytes:
+    return (f"HTTP/1.1 {status}\r\n" + "".join(f"{h}\r\n" for h in headers) + "\r\n").encode() + body
+
+
+OK = (answer("200 OK", ["Content-Type: application/json", "Content-Length: 11"], b'{"ok":true}'), False)
+
+
+async def post(http: aiohttp.ClientSession, url: str, data: bytes = b"{}") -> tuple[int, bytes]:
+    async with http.post(url + "/v1/completions", data=data) as resp:
+        return resp.status, await asyncio.wait_for(resp.read(), GUARD_S)
+
+
+async def test_a_body_without_length_or_chunks_is_read_until_the_engine_closes(
+    engine: RawEngine, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    engine.answers = [(answer("200 OK", ["Content-Type: application/json"], b'{"whole": "answer"}'), True), OK]
+    assert await post(http, gateway_url) == (200, b'{"whole": "answer"}')
+    assert await post(http, gateway_url) == (200, b'{"ok":true}')  # on a new connection: that one was closed
+    assert [s.connection for s in engine.seen] == [1, 2]
+
+
+async def test_an_interim_answer_is_passed_over_and_the_final_one_forwarded(
+    engine: RawEngine, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    early = answer("103 Early Hints", ["Link: </style.css>; rel=preload"])
+    engine.answers = [(early + OK[0], False)]
+    assert await post(http, gateway_url) == (200, b'{"ok":true}')
+
+
+async def test_a_head_request_does_not_wait_for_the_body_its_length_announces(
+    engine: RawEngine, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    engine.answers = [(answer("200 OK", ["Content-Type: application/json", "Content-Length: 11"]), False), OK]
+    async with http.head(gateway_url + "/version") as resp:
+        assert resp.status == 200
+        assert await asyncio.wait_for(resp.read(), GUARD_S) == b""
+    assert engine.seen[0].head.startswith(b"HEAD /version HTTP/1.1\r\n")
+    assert await post(http, gateway_url) == (200, b'{"ok":true}')
+    assert [s.connection for s in engine.seen] == [1, 2]  # the HEAD's connection was not trusted again
+
+
+async def test_an_answer_that_is_not_http_is_a_502_in_openai_shape(
+    engine: RawEngine, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    engine.answers = [(b"SSH-2.0-OpenSSH_9.2\r\n\r\n", False)]
+    status, body = await post(http, gateway_url)
+    assert status == 502
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "upstream_error"
+    assert "not valid HTTP" in error["message"]
+
+
+async def test_broken_chunk_framing_mid_stream_ends_with_an_error_event(
+    engine: RawEngine, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    event = b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n'
+    head = answer("200 OK", ["Content-Type: text/event-stream", "Transfer-Encoding: chunked"])
+    engine.answers = [(head + b"%x\r\n%b\r\n" % (len(event), event) + b"zz\r\nnot a chunk\r\n", False)]
+    status, body = await post(http, gateway_url)
+    assert status == 200
+    assert body.startswith(event)
+    error = orjson.loads(body[len(event) + len(b"data: ") :])["error"]
+    assert error["code"] == "upstream_disconnected"
+    assert b"[DONE]" not in body
+
+
+async def test_a_kept_alive_connection_carries_the_next_request_and_one_the_engine_closed_does_not(
+    engine: RawEngine, gateway: Server, http: aiohttp.ClientSession
+) -> None:
+    url = f"http://127.0.0.1:{gateway.port}"
+    engine.answers = [OK, OK, OK]
+    assert await post(http, url) == (200, b'{"ok":true}')
+    assert await post(http, url) == (200, b'{"ok":true}')
+    assert [s.connection for s in engine.seen] == [1, 1]
+    assert gateway.gateway is not None
+    pool = gateway.gateway.engines
+    assert pool.idle_count(engine.url) == 1
+    engine.writers[0].close()  # as an engine does with a connection idle past its keep-alive
+    for _ in range(10_000):  # until the gateway's loop has seen the close (a few iterations)
+        if pool.idle_count(engine.url) == 0:
+            break
+        await asyncio.sleep(0)
+    assert pool.idle_count(engine.url) == 0
+    assert await post(http, url) == (200, b'{"ok":true}')
+    assert [s.connection for s in engine.seen] == [1, 1, 2]
+
+
+async def test_an_answer_that_says_connection_close_is_not_followed_by_another_request_on_it(
+    engine: RawEngine, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    closing = answer("200 OK", ["Content-Type: application/json", "Content-Length: 2", "Connection: close"], b"{}")
+    engine.answers = [(closing, False), OK]  # the engine leaves the socket open; the header alone must count
+    assert await post(http, gateway_url) == (200, b"{}")
+    assert await post(http, gateway_url) == (200, b'{"ok":true}')
+    assert [s.connection for s in engine.seen] == [1, 2]
+
+
+async def test_bytes_from_the_engine_between_answers_retire_the_connection(
+    engine: RawEngine, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    engine.answers = [(OK[0] + b"HTTP/1.1 200 OK\r\n", False), OK]
+    assert await post(http, gateway_url) == (200, b'{"ok":true}')
+    assert await post(http, gateway_url) == (200, b'{"ok":true}')
+    assert [s.connection for s in engine.seen] == [1, 2]
+
+
+async def test_the_request_reaches_the_engine_with_host_length_and_no_hop_by_hop_headers(
+    engine: RawEngine, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    engine.answers = [OK, OK]
+    await post(http, gateway_url, b'{"model": "m"}')
+    async with http.post(gateway_url + "/v1/completions", headers={"Expect": "100-continue"}) as resp:
+        assert resp.status == 200
+    first, second = engine.seen
+    lines = first.head.split(b"\r\n")
+    assert lines[0] == b"POST /v1/completions HTTP/1.1"
+    assert f"Host: 127.0.0.1:{engine.port}".encode() in lines
+    assert b"Content-Length: 14" in lines
+    assert first.body == b'{"model": "m"}'
+    assert b"Content-Length: 0" in second.head.split(b"\r\n")  # a POST without a body still says so
+    assert b"expect" not in second.head.lower()  # answered on the client's hop, not asked again
