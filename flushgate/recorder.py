@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any
 
 from flushgate.engine_timing import EngineTimings
@@ -18,6 +19,8 @@ class Recorder:
         self.metrics = metrics
         self.engine_timings = engine_timings
         self._pending: set[asyncio.Task[None]] = set()
+        self._queue: deque[RequestRecord] = deque()
+        self._publisher: asyncio.Task[None] | None = None
 
     def finish(self, record: RequestRecord) -> None:
         """Publish now, or once the engine's span for this request has arrived (off the request's path)."""
@@ -26,7 +29,7 @@ class Recorder:
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
         else:
-            self.publish(record)
+            self._enqueue(record)
 
     async def join_engine(self, record: RequestRecord, timeout_s: float = ENGINE_JOIN_TIMEOUT_S) -> None:
         if self.engine_timings is not None and record.engine is None:
@@ -34,7 +37,24 @@ class Recorder:
 
     async def _join_then_publish(self, record: RequestRecord) -> None:
         await self.join_engine(record)
-        self.publish(record)
+        self._enqueue(record)
+
+    def _enqueue(self, record: RequestRecord) -> None:
+        """Records of streams that end together (they share the engine's tick) are published one per turn of the
+        event loop, so the chunks of streams still running are written in between rather than after all of them."""
+        self._queue.append(record)
+        if self._publisher is None:
+            self._publisher = asyncio.get_running_loop().create_task(self._publish_queued())
+
+    async def _publish_queued(self) -> None:
+        queue = self._queue
+        try:
+            while queue:
+                self.publish(queue.popleft())
+                if queue:
+                    await asyncio.sleep(0)
+        finally:
+            self._publisher = None
 
     def publish(self, record: RequestRecord) -> None:
         t = record.timings
@@ -61,3 +81,5 @@ class Recorder:
         """Publish every record still waiting for its engine span (at shutdown)."""
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
+        if self._publisher is not None:
+            await self._publisher
