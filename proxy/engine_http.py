@@ -262,6 +262,9 @@ class EngineConnection(asyncio.Protocol):
     def abort(self) -> None:
         """Close at once (RST): how the engine learns that a request's client has gone."""
         self._cancel_timer()
+        for waiting in (self._head, self._event):  # nobody waits for this exchange any more
+            if waiting is not None and not waiting.done():
+                waiting.cancel()
         if self.transport is not None and not self.closed:
             self.transport.abort()
 

@@ -157,9 +157,10 @@ async def _attempt(
             if uploading.done() and (failed := uploading.exception()) is not None:
                 if not head.done() or head.exception() is None:
                     head.cancel()
-                    if isinstance(failed, BodyTooLarge):  # the client's fault: no failover, nothing held against the engine
+                    # The client's body, not the engine: no failover, nothing held against the engine.
+                    if isinstance(failed, BodyTooLarge):
                         return _too_large(record, failed, failed)
-                    raise failed
+                    return _unreadable_body(record, failed)
         try:
             await head
         except (EngineBroken, EngineIdle) as exc:
@@ -249,6 +250,20 @@ def _too_large(record: RequestRecord, reason: BodyTooLarge, raised: BaseExceptio
     record.status = 413
     headers = {REQUEST_ID: record.request_id}
     return error_response(413, str(reason), type_="invalid_request_error", code="request_too_large", headers=headers)
+
+
+def _unreadable_body(record: RequestRecord, raised: BaseException) -> web.Response:
+    """The client's streamed body broke off or was malformed (bad chunk framing, fewer bytes than announced)."""
+    record.outcome = "rejected"
+    record.error = repr(raised)
+    record.status = 400
+    return error_response(
+        400,
+        f"the request body could not be read: {raised}",
+        type_="invalid_request_error",
+        code="request_body_unreadable",
+        headers={REQUEST_ID: record.request_id},
+    )
 
 
 class BodyTooLarge(Exception):

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 import pytest
+from aiohttp.http_exceptions import TransferEncodingError
 
 from flushgate.config import Config, Timeouts
+from flushgate.proxy import passthrough
 from flushgate.server import Server
 
 GUARD_S = 10
@@ -31,9 +33,11 @@ class Seen:
 @dataclass
 class RawEngine:
     """Answers the n-th request with ``answers[n]`` (bytes, written as they are), then keeps or closes the
-    connection as the answer's ``close`` says."""
+    connection as the answer's ``close`` says; ``None`` reads what follows until the gateway hangs up."""
 
-    answers: list[tuple[bytes, bool]] = field(default_factory=list)
+    answers: list[tuple[bytes, bool] | None] = field(default_factory=list)
+    leftovers: list[bytes] = field(default_factory=list)
+    request_seen: asyncio.Event = field(default_factory=asyncio.Event)
     seen: list[Seen] = field(default_factory=list)
     connections: int = 0
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
@@ -66,7 +70,12 @@ class RawEngine:
                     if line.lower().startswith(b"content-length:"):
                         body = await reader.readexactly(int(line.split(b":", 1)[1]))
                 self.seen.append(Seen(number, head, body))
-                answer, close = self.answers[len(self.seen) - 1]
+                self.request_seen.set()
+                planned = self.answers[len(self.seen) - 1]
+                if planned is None:
+                    self.leftovers.append(await reader.read())
+                    return
+                answer, close = planned
                 writer.write(answer)
                 await writer.drain()
                 if close:
@@ -218,3 +227,33 @@ async def test_the_request_reaches_the_engine_with_host_length_and_no_hop_by_hop
     assert first.body == b'{"model": "m"}'
     assert b"Content-Length: 0" in second.head.split(b"\r\n")  # a POST without a body still says so
     assert b"expect" not in second.head.lower()  # answered on the client's hop, not asked again
+
+
+async def test_a_client_body_that_fails_mid_upload_is_a_400_and_the_engine_request_is_dropped(
+    engine: RawEngine, gateway_url: str, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp answers a malformed body itself when it can; this is the case where reading it fails after the
+    upload to the engine has begun (a body that broke off, a framing error the parser met late)."""
+
+    async def breaks_off(*_: object) -> AsyncIterator[bytes]:
+        yield b"hello"
+        await engine.request_seen.wait()
+        raise TransferEncodingError("Not enough data to satisfy transfer length header.")
+
+    monkeypatch.setattr(passthrough, "_request_body", breaks_off)
+    engine.answers = [None]
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"hello"
+
+    async with http.post(gateway_url + "/v1/completions", data=body()) as resp:
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert error["code"] == "request_body_unreadable"
+    assert error["type"] == "invalid_request_error"
+    assert b"Transfer-Encoding: chunked" in engine.seen[0].head
+    for _ in range(10_000):  # until the engine has seen the connection dropped (a few loop turns)
+        if engine.leftovers:
+            break
+        await asyncio.sleep(0)
+    assert engine.leftovers == [b"5\r\nhello\r\n"]  # what was read went on; then the connection was dropped
