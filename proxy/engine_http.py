@@ -342,7 +342,11 @@ class EngineConnections:
         try:
             async with asyncio.timeout(connect_s):
                 _, conn = await loop.create_connection(
-                    lambda: EngineConnection(base, self), host, port, ssl=context, server_hostname=host if context else None
+                    lambda: EngineConnection(base, self),
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=host if context else None,
                 )
         except TimeoutError as exc:
             raise EngineConnectTimeout(f"connecting to {base} took over {connect_s:g} s") from exc

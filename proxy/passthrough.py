@@ -150,17 +150,18 @@ async def _attempt(
     try:
         data, stream, framed, framing = _outgoing(request, record, gateway, headers, body)
         host = engines.address(base).host_header
-        head = conn.send(request_head(request.method, request.raw_path, host, headers, framing), data, gateway.timeouts.idle)
+        request_bytes = request_head(request.method, request.raw_path, host, headers, framing)
+        head = conn.send(request_bytes, data, gateway.timeouts.idle)
         if stream is not None:
             uploading = asyncio.ensure_future(conn.send_stream(stream, framed))
             await asyncio.wait((head, uploading), return_when=asyncio.FIRST_COMPLETED)
-            if uploading.done() and (failed := uploading.exception()) is not None:
-                if not head.done() or head.exception() is None:
-                    head.cancel()
-                    # The client's body, not the engine: no failover, nothing held against the engine.
-                    if isinstance(failed, BodyTooLarge):
-                        return _too_large(record, failed, failed)
-                    return _unreadable_body(record, failed)
+            failed = uploading.exception() if uploading.done() else None
+            if failed is not None and (not head.done() or head.exception() is None):
+                head.cancel()
+                # The client's body, not the engine: no failover, nothing held against the engine.
+                if isinstance(failed, BodyTooLarge):
+                    return _too_large(record, failed, failed)
+                return _unreadable_body(record, failed)
         try:
             await head
         except (EngineBroken, EngineIdle) as exc:
@@ -354,9 +355,24 @@ class ClientSink:
     """
 
     __slots__ = (
-        "_transport", "_protocol", "_conn", "_timings", "_arrived", "_slow", "_hops", "_chunked", "_separator",
-        "_token_seen", "kept", "last", "_blocked", "_fast", "_events", "_last_took", "_last_slow",
-    )  # fmt: skip
+        "_arrived",
+        "_blocked",
+        "_chunked",
+        "_conn",
+        "_events",
+        "_fast",
+        "_hops",
+        "_last_slow",
+        "_last_took",
+        "_protocol",
+        "_separator",
+        "_slow",
+        "_timings",
+        "_token_seen",
+        "_transport",
+        "kept",
+        "last",
+    )
 
     def __init__(
         self,
@@ -496,4 +512,3 @@ async def _end_broken_stream(
         )
     elif request.transport is not None:
         request.transport.close()
-

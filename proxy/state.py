@@ -10,9 +10,9 @@ import aiohttp
 from aiohttp import web
 
 from flushgate.config import Timeouts
+from flushgate.proxy.engine_http import EngineConnections
 from flushgate.proxy.ollama.settings import OllamaSettings
 from flushgate.proxy.router import Router
-from flushgate.proxy.engine_http import EngineConnections
 from flushgate.proxy.upstream import POOL_KEEPALIVE_S, Backend, Unavailable
 from flushgate.recorder import Recorder
 
