@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Protocol
 
 import aiohttp
 
 from flushgate.config import Timeouts
 from flushgate.proxy.engine_http import EngineConnectError, EngineConnectTimeout
+from flushgate.timings import RequestTimings, now
 
 # Below uvicorn's 5 s keep-alive (vLLM's server), so a pooled connection is never reused just as the engine
 # closes it.
@@ -98,7 +100,8 @@ def open_session(timeouts: Timeouts) -> aiohttp.ClientSession:
 
     No connection cap (aiohttp's default of 100 would silently queue the 101st stream), no decompression (bytes
     are forwarded as sent), no cookie jar (a gateway must not carry one user's cookies to another), and no total
-    timeout: only connect and idle-between-reads limits.
+    timeout: only connect and idle-between-reads limits. A request passed ``trace_request_ctx=timings`` gets its
+    connect start/end, or that its connection was pooled, stamped into those ``RequestTimings``.
     """
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=POOL_KEEPALIVE_S)
     return aiohttp.ClientSession(
@@ -107,4 +110,27 @@ def open_session(timeouts: Timeouts) -> aiohttp.ClientSession:
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Content-Type"),
+        trace_configs=[_connection_tracing()],
     )
+
+
+def _connection_tracing() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+
+    async def create_start(session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object) -> None:
+        if isinstance(timings := ctx.trace_request_ctx, RequestTimings):
+            timings.connect_start = now()
+            timings.connection_reused = False
+
+    async def create_end(session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object) -> None:
+        if isinstance(timings := ctx.trace_request_ctx, RequestTimings):
+            timings.connect_end = now()
+
+    async def reused(session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object) -> None:
+        if isinstance(timings := ctx.trace_request_ctx, RequestTimings):
+            timings.connection_reused = True
+
+    trace.on_connection_create_start.append(create_start)
+    trace.on_connection_create_end.append(create_end)
+    trace.on_connection_reuseconn.append(reused)
+    return trace

@@ -392,3 +392,19 @@ async def test_each_ollama_answer_is_logged_as_one_request_record_of_the_ollama_
     assert record["events_out"] == 3  # thinking, answer, final line
     assert record["upstream_ttfb_ms"] <= record["first_token_ms"] <= record["total_ms"]
     assert record["bytes_in"] == len(raw)
+
+
+async def test_each_ollama_record_says_whether_its_engine_connection_was_new_or_pooled(
+    engine: ScriptedEngine, gateway: Server, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    engine.generation = scripted(chat_event("b"), chat_event(finish_reason="stop"), DONE_EVENT)
+    raw = orjson.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "x"}]})
+    with capture_logs() as logs:
+        for _ in range(2):
+            async with http.post(gateway_url + "/api/chat", data=raw) as resp:
+                await resp.read()
+        await gateway.stop()
+    first, second = [entry for entry in logs if entry["event"] == "request"]
+    assert first["upstream_reused"] in (True, False)
+    assert first["upstream_reused"] or first["upstream_connect_ms"] is not None
+    assert second["upstream_reused"] is True  # the first answer was read to its end: its connection is pooled
