@@ -39,9 +39,9 @@ from flushgate.proxy.headers import (
     upstream_request_headers,
 )
 from flushgate.proxy.pool import EngineMember
-from flushgate.proxy.router import RETRY_STATUSES, Router
+from flushgate.proxy.router import Router
 from flushgate.proxy.state import GATEWAY, Gateway
-from flushgate.proxy.upstream import FailedBeforeAnswer, Unavailable
+from flushgate.proxy.upstream import Unavailable
 from flushgate.record import RequestRecord
 from flushgate.timings import FAST_CHUNK_S, RequestTimings, now
 
@@ -167,8 +167,7 @@ async def _attempt(
         except (EngineBroken, EngineIdle) as exc:
             return _failed_before_answer(router, member, record, body, tried, exc)
         router.answered(member, conn.status)
-        if conn.status in RETRY_STATUSES and _may_retry(router, record, body, [*tried, member]):
-            record.failover.append({"engine": base, "error": f"status {conn.status}"})
+        if router.retries_status(member, conn.status, record.failover, [*tried, member], _replayable(body)):
             return None
         if request.method == "HEAD":
             conn.end_without_body()
@@ -216,11 +215,8 @@ def _failed_before_answer(
     exc: BaseException,
 ) -> web.Response | None:
     """The engine failed before its answer's head: try another (None) while allowed, else an error response."""
-    base = member.url
-    failure = FailedBeforeAnswer.of(exc, base)
-    router.failed(member, "connect" if failure.connect else "broken")
-    if _may_retry(router, record, body, [*tried, member]):
-        record.failover.append({"engine": base, "error": repr(exc)})
+    failure = router.failed_before_answer(member, exc, record.failover, [*tried, member], _replayable(body))
+    if failure is None:
         return None
     record.outcome = "upstream_error"
     record.error = repr(exc)
@@ -228,9 +224,9 @@ def _failed_before_answer(
     return error_response(failure.status, failure.message, code=failure.code, headers={REQUEST_ID: record.request_id})
 
 
-def _may_retry(router: Router, record: RequestRecord, body: OutgoingBody | None, tried: list[EngineMember]) -> bool:
-    """Another engine may be tried, and the body can be sent again (or there is none)."""
-    return (body is None or body.replayable) and router.may_retry(len(record.failover), tried)
+def _replayable(body: OutgoingBody | None) -> bool:
+    """The body can be sent to another engine (or there is none)."""
+    return body is None or body.replayable
 
 
 def _refused(refusal: Unavailable, record: RequestRecord) -> web.Response:

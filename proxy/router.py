@@ -15,7 +15,7 @@ import aiohttp
 
 from flushgate.config import RoutingMode
 from flushgate.proxy.pool import EngineMember, EnginePool, FailureKind
-from flushgate.proxy.upstream import Backend, Readiness, Unavailable
+from flushgate.proxy.upstream import Backend, FailedBeforeAnswer, Readiness, Unavailable
 
 _MASK = (1 << 64) - 1
 RETRY_STATUSES = frozenset({502, 503, 504})  # an engine's answers that another engine may not give
@@ -98,6 +98,38 @@ class Router:
 
         Callers add their own condition: nothing has reached the client, and the body can be sent again."""
         return self.several and failovers < self.policy.retries and self.can_try_another(tried)
+
+    def failed_before_answer(
+        self,
+        member: EngineMember,
+        exc: BaseException,
+        failover: list[dict[str, str]],
+        tried: Collection[EngineMember],
+        replayable: bool = True,
+    ) -> FailedBeforeAnswer | None:
+        """The engine failed before its answer's head: held against it, then either noted in ``failover`` (None:
+        try another engine) or read as what to tell the client. ``tried`` includes ``member``."""
+        failure = FailedBeforeAnswer.of(exc, member.url)
+        self.failed(member, "connect" if failure.connect else "broken")
+        if replayable and self.may_retry(len(failover), tried):
+            failover.append({"engine": member.url, "error": repr(exc)})
+            return None
+        return failure
+
+    def retries_status(
+        self,
+        member: EngineMember,
+        status: int,
+        failover: list[dict[str, str]],
+        tried: Collection[EngineMember],
+        replayable: bool = True,
+    ) -> bool:
+        """An answer another engine may not give (502/503/504) while another can still be tried: noted in
+        ``failover``, and the request goes on to the next engine. ``tried`` includes ``member``."""
+        if status in RETRY_STATUSES and replayable and self.may_retry(len(failover), tried):
+            failover.append({"engine": member.url, "error": f"status {status}"})
+            return True
+        return False
 
     def no_engine(self) -> Unavailable:
         """Why a request found no engine to pick."""

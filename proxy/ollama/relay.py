@@ -23,9 +23,7 @@ from flushgate.proxy.ollama.lines import AnswerClock, final_object, text_line, t
 from flushgate.proxy.ollama.request import EngineCall
 from flushgate.proxy.ollama.sse import SseEvents
 from flushgate.proxy.pool import EngineMember
-from flushgate.proxy.router import RETRY_STATUSES
 from flushgate.proxy.state import Gateway
-from flushgate.proxy.upstream import FailedBeforeAnswer
 from flushgate.record import RequestRecord
 from flushgate.timings import FAST_CHUNK_S, now
 
@@ -89,11 +87,9 @@ async def open_engine_stream(
                     trace_request_ctx=record.timings,  # the session's tracing stamps connect or pooled reuse here
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
-                failure = FailedBeforeAnswer.of(exc, base)
-                router.failed(member, "connect" if failure.connect else "broken")
                 tried.append(member)
-                if router.may_retry(len(record.failover), tried):
-                    record.failover.append({"engine": base, "error": repr(exc)})
+                failure = router.failed_before_answer(member, exc, record.failover, tried)
+                if failure is None:
                     continue
                 raise _upstream_error(record, failure.status, failure.message) from None
             router.answered(member, upstream.status)
@@ -105,8 +101,7 @@ async def open_engine_stream(
             finally:
                 upstream.release()
             tried.append(member)
-            if upstream.status in RETRY_STATUSES and router.may_retry(len(record.failover), tried):
-                record.failover.append({"engine": base, "error": f"status {upstream.status}"})
+            if router.retries_status(member, upstream.status, record.failover, tried):
                 continue
             # The engine's own verdict on the request (400 for a bad value, 404 for an unknown model, ...).
             status = upstream.status if 400 <= upstream.status < 600 else 502
