@@ -102,16 +102,14 @@ class EngineConnection(asyncio.Protocol):
             self._fail(EngineBroken(f"the engine's answer is not valid HTTP: {exc}"))
             self.abort()
             return
-        if self._pieces and self._sink is not None:
-            self._flush()
+        self._flush()
         if self.complete:
             self._end()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._pool.forget(self)
-        if self._timer is not None:
-            self._timer.cancel()
+        self._cancel_timer()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
         if self._parser is None or self.complete:
@@ -213,18 +211,16 @@ class EngineConnection(asyncio.Protocol):
         True when the body has ended, False when the client's socket is full (drain, then ``resume``), and
         raises ``EngineBroken`` or ``EngineIdle`` if the answer cannot complete."""
         self._sink = sink
-        self._event = event = self._loop.create_future()
         self._flush()
-        if self._error is not None:
-            event.set_exception(self._error)
-        elif self.complete:
-            self._end()
-        return event
+        return self.next_event()
 
     def next_event(self) -> asyncio.Future[bool]:
+        """What the relaying task waits for next: see ``attach``; what is already known answers at once."""
         self._event = event = self._loop.create_future()
         if self._error is not None:
             event.set_exception(self._error)
+        elif self.reading_paused:
+            event.set_result(False)
         elif self.complete:
             event.set_result(True)
         return event
@@ -324,8 +320,9 @@ class EngineConnections:
         self._open: set[EngineConnection] = set()
 
     async def acquire(self, base: str, connect_s: float, timings: RequestTimings) -> EngineConnection:
+        loop = asyncio.get_running_loop()
         idle = self._idle.get(base)
-        clock = asyncio.get_running_loop().time()
+        clock = loop.time()
         while idle:
             conn = idle.pop()
             if conn.closed:
@@ -338,7 +335,6 @@ class EngineConnections:
         host, port, context, _ = self.address(base)
         timings.connect_start = now()
         timings.connection_reused = False
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_s):
                 _, conn = await loop.create_connection(

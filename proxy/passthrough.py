@@ -53,7 +53,6 @@ MODEL_FIELD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
 TIMING_OPT_IN = "X-Flushgate-Timing"
 CONTENT_CAP = 1 << 20  # --log-content keeps at most this much of each side
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when the client sent no body
-# Engine answers that mean "not this engine, not now": tried on another engine while the client has seen nothing.
 
 
 async def forward(
@@ -318,7 +317,6 @@ async def _relay(
             try:
                 ended = await event
             except (EngineBroken, EngineIdle) as exc:
-                sink.add_sums()
                 await _end_broken_stream(request, response, kind, gateway, record, exc, sink.last)
                 return response
             if ended:
