@@ -320,18 +320,11 @@ class EngineConnections:
         self._open: set[EngineConnection] = set()
 
     async def acquire(self, base: str, connect_s: float, timings: RequestTimings) -> EngineConnection:
-        loop = asyncio.get_running_loop()
-        idle = self._idle.get(base)
-        clock = loop.time()
-        while idle:
-            conn = idle.pop()
-            if conn.closed:
-                continue
-            if clock - conn.idle_since >= self._keepalive_s:
-                conn.abort()
-                continue
+        conn = self.take_idle(base)
+        if conn is not None:
             timings.connection_reused = True
             return conn
+        loop = asyncio.get_running_loop()
         host, port, context, _ = self.address(base)
         timings.connect_start = now()
         timings.connection_reused = False
@@ -351,6 +344,20 @@ class EngineConnections:
         timings.connect_end = now()
         self._open.add(conn)
         return conn
+
+    def take_idle(self, base: str) -> EngineConnection | None:
+        """The most recently parked connection to ``base`` that is still open and fresh, if there is one."""
+        idle = self._idle.get(base)
+        clock = asyncio.get_running_loop().time()
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if clock - conn.idle_since >= self._keepalive_s:
+                conn.abort()
+                continue
+            return conn
+        return None
 
     def release(self, conn: EngineConnection) -> None:
         """Back to the pool if its answer was read to the end on a keep-alive connection, else closed."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 
 from flushgate.proxy.affinity import affinity_key
 from flushgate.proxy.body import OutgoingBody, read_ahead
+from flushgate.proxy.client_side import AiohttpClient, ClientSide
 from flushgate.proxy.engine_http import (
     EngineBroken,
     EngineConnectError,
@@ -60,18 +61,29 @@ async def forward(
 ) -> web.StreamResponse:
     """Forward ``request``. A caller that already read the client's body passes it as ``body`` (possibly
     rewritten), with when the request arrived (``received``) and when its body was read (``body_done``)."""
-    gateway = request.app[GATEWAY]
+    client = AiohttpClient(request)
+    answer = await exchange(client, request.app[GATEWAY], body, received, body_done)
+    if answer is not None:
+        return answer
+    assert client.response is not None
+    return client.response
+
+
+async def exchange(
+    client: ClientSide, gateway: Gateway, body: bytes | None, received: float = 0.0, body_done: float = 0.0
+) -> web.Response | None:
+    """One request through the gateway: None once the answer went to ``client``, else the response to send."""
     record = RequestRecord(
-        request_id=request.headers.get(REQUEST_ID) or new_request_id(),
-        method=request.method,
-        path=request.path,
+        request_id=client.headers.get(REQUEST_ID) or new_request_id(),
+        method=client.method,
+        path=client.path,
         timings=RequestTimings(start=received or now(), body_done=body_done),
     )
     gateway.enter()
     try:
-        return await _exchange(request, gateway, record, body)
+        return await _exchange(client, gateway, record, body)
     except asyncio.CancelledError:
-        record.outcome = "client_abort"  # aiohttp cancels the handler when the client's connection is lost
+        record.outcome = "client_abort"  # the client's connection was lost: its server cancels the exchange
         raise
     finally:
         gateway.leave()
@@ -80,8 +92,8 @@ async def forward(
 
 
 async def _exchange(
-    request: web.Request, gateway: Gateway, record: RequestRecord, body: bytes | None
-) -> web.StreamResponse:
+    client: ClientSide, gateway: Gateway, record: RequestRecord, body: bytes | None
+) -> web.Response | None:
     refusal = gateway.refusal()
     if refusal is not None:
         return _refused(refusal, record)
@@ -89,23 +101,23 @@ async def _exchange(
     router = gateway.router
     assert router is not None  # Gateway makes one for its backend when none is given
     timings = record.timings
-    headers = upstream_request_headers(request.headers, record.request_id, request.remote)
+    headers = upstream_request_headers(client.headers, record.request_id, client.remote)
     outgoing: OutgoingBody | None = None
     if body is not None:
         timings.body_done = timings.body_done or now()
-        timings.bytes_in = request.content_length or len(body)
+        timings.bytes_in = client.content_length or len(body)
         if record.model is None and (found := MODEL_FIELD.search(body)):
             record.model = found.group(1).decode("utf-8", "replace")
         if gateway.log_content:
             record.content = {"request": body[:CONTENT_CAP].decode("utf-8", "replace")}
         headers.popall("Content-Length", None)  # aiohttp sets the new body's length
         outgoing = OutgoingBody(body, None)
-    elif request.body_exists and router.several:
+    elif client.body_exists and router.several:
         try:
-            outgoing = await read_ahead(_request_body(request, record, gateway.log_content, gateway.max_body_bytes))
+            outgoing = await read_ahead(_request_body(client, record, gateway.log_content, gateway.max_body_bytes))
         except BodyTooLarge as exc:
             return _too_large(record, exc, exc)
-    elif not request.body_exists:
+    elif not client.body_exists:
         timings.body_done = timings.start
     key: int | None = None
     if outgoing is not None and outgoing.complete and router.policy.mode == "prefix-affinity":
@@ -118,24 +130,24 @@ async def _exchange(
             return _refused(router.no_engine(), record)
         router.acquire(member)
         try:
-            response = await _attempt(request, gateway, record, member, headers, outgoing, tried)
-            if response is not None:
-                return response
+            answer = await _attempt(client, gateway, record, member, headers, outgoing, tried)
+            if answer is not False:
+                return answer
         finally:
             router.release(member)
         tried.append(member)
 
 
 async def _attempt(
-    request: web.Request,
+    client: ClientSide,
     gateway: Gateway,
     record: RequestRecord,
     member: EngineMember,
     headers: CIMultiDict[str],
     body: OutgoingBody | None,
     tried: list[EngineMember],
-) -> web.StreamResponse | None:
-    """One try at one engine: its response relayed, an error response, or None to try another engine."""
+) -> web.Response | Literal[False] | None:
+    """One try at one engine: its answer relayed (None), an error response, or False to try another engine."""
     router = gateway.router
     assert router is not None
     base = member.url
@@ -147,9 +159,9 @@ async def _attempt(
         return _failed_before_answer(router, member, record, body, tried, exc)
     uploading: asyncio.Future[None] | None = None
     try:
-        data, stream, framed, framing = _outgoing(request, record, gateway, headers, body)
+        data, stream, framed, framing = _outgoing(client, record, gateway, headers, body)
         host = engines.address(base).host_header
-        request_bytes = request_head(request.method, request.raw_path, host, headers, framing)
+        request_bytes = request_head(client.method, client.target, host, headers, framing)
         head = conn.send(request_bytes, data, gateway.timeouts.idle)
         if stream is not None:
             uploading = asyncio.ensure_future(conn.send_stream(stream, framed))
@@ -167,10 +179,11 @@ async def _attempt(
             return _failed_before_answer(router, member, record, body, tried, exc)
         router.answered(member, conn.status)
         if router.retries_status(member, conn.status, record.failover, [*tried, member], _replayable(body)):
-            return None
-        if request.method == "HEAD":
+            return False
+        if client.method == "HEAD":
             conn.end_without_body()
-        return await _relay(request, conn, gateway, record)
+        await _relay(client, conn, gateway, record)
+        return None
     finally:
         if uploading is not None and not uploading.done():
             uploading.cancel()
@@ -184,7 +197,7 @@ async def _attempt(
 
 
 def _outgoing(
-    request: web.Request,
+    client: ClientSide,
     record: RequestRecord,
     gateway: Gateway,
     headers: CIMultiDict[str],
@@ -194,15 +207,15 @@ def _outgoing(
     payload: bytes | AsyncIterator[bytes] | None = None
     if body is not None:
         payload = body.payload()
-    elif request.body_exists:
-        payload = _request_body(request, record, gateway.log_content, gateway.max_body_bytes)
+    elif client.body_exists:
+        payload = _request_body(client, record, gateway.log_content, gateway.max_body_bytes)
     if isinstance(payload, bytes):
         return payload, None, False, b"Content-Length: %d\r\n" % len(payload)
     if payload is not None:
         if "Content-Length" in headers:  # the client's own length still holds for the bytes that stream on
             return None, payload, False, b""
         return None, payload, True, b"Transfer-Encoding: chunked\r\n"
-    return None, None, False, b"Content-Length: 0\r\n" if request.method in BODY_METHODS else b""
+    return None, None, False, b"Content-Length: 0\r\n" if client.method in BODY_METHODS else b""
 
 
 def _failed_before_answer(
@@ -212,11 +225,11 @@ def _failed_before_answer(
     body: OutgoingBody | None,
     tried: list[EngineMember],
     exc: BaseException,
-) -> web.Response | None:
-    """The engine failed before its answer's head: try another (None) while allowed, else an error response."""
+) -> web.Response | Literal[False]:
+    """The engine failed before its answer's head: try another (False) while allowed, else an error response."""
     failure = router.failed_before_answer(member, exc, record.failover, [*tried, member], _replayable(body))
     if failure is None:
-        return None
+        return False
     record.outcome = "upstream_error"
     record.error = repr(exc)
     record.status = failure.status
@@ -266,11 +279,11 @@ class BodyTooLarge(Exception):
     """A streamed request body grew past the gateway's limit (a declared one is refused before it is read)."""
 
 
-async def _request_body(request: web.Request, record: RequestRecord, keep: bool, limit: int) -> AsyncIterator[bytes]:
+async def _request_body(client: ClientSide, record: RequestRecord, keep: bool, limit: int) -> AsyncIterator[bytes]:
     """The client's body as it arrives, noting its size, its end, and the model it names."""
     timings = record.timings
     kept = bytearray() if keep else None
-    async for chunk in request.content.iter_any():
+    async for chunk in client.body_chunks():
         timings.bytes_in += len(chunk)
         if limit and timings.bytes_in > limit:
             raise BodyTooLarge(f"the request body is over {limit} bytes, the most this gateway takes")
@@ -284,9 +297,7 @@ async def _request_body(request: web.Request, record: RequestRecord, keep: bool,
         record.content = {"request": kept.decode("utf-8", "replace")}
 
 
-async def _relay(
-    request: web.Request, conn: EngineConnection, gateway: Gateway, record: RequestRecord
-) -> web.StreamResponse:
+async def _relay(client: ClientSide, conn: EngineConnection, gateway: Gateway, record: RequestRecord) -> None:
     timings = record.timings
     timings.upstream_headers = now()
     record.status = conn.status
@@ -295,21 +306,17 @@ async def _relay(
     record.stream = kind is not None
     headers = client_response_headers(upstream_headers, record.request_id)
     headers["Server-Timing"] = _server_timing(timings)
-    response = web.StreamResponse(status=conn.status, reason=conn.reason or None, headers=headers)
     sink: ClientSink | None = None
     try:
-        writer = await response.prepare(request)
-        transport = request.transport
-        if writer is None or transport is None:
-            raise ConnectionResetError("the client's connection is closed")
+        transport, flow, chunked = await client.open(conn.status, conn.reason, headers)
         sink = ClientSink(
             transport,
-            request.protocol,
+            flow,
             conn,
             timings,
             kind=kind,
             hops=gateway.hop_timing,
-            chunked=response.headers.get("Transfer-Encoding") == "chunked",
+            chunked=chunked,
             keep=gateway.log_content,
         )
         event = conn.attach(sink.write)
@@ -317,18 +324,18 @@ async def _relay(
             try:
                 ended = await event
             except (EngineBroken, EngineIdle) as exc:
-                await _end_broken_stream(request, response, kind, gateway, record, exc, sink.last)
-                return response
+                await _end_broken_stream(client, kind, gateway, record, exc, sink.last)
+                return
             if ended:
                 break
             paused = now()  # the client's socket is full: reading from the engine waits until it drains
-            await writer.drain()
+            await client.drain()
             sink.blocked_for(now() - paused)
             conn.resume()
             event = conn.next_event()
         sink.add_sums()
-        if kind == "sse" and (gateway.timing_summary or request.headers.get(TIMING_OPT_IN) == "summary"):
-            await response.write(await _timing_comment(gateway, record))
+        if kind == "sse" and (gateway.timing_summary or client.headers.get(TIMING_OPT_IN) == "summary"):
+            await client.write(await _timing_comment(gateway, record))
     except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError: the client went away
         record.outcome = "client_abort"
         record.error = repr(exc)
@@ -337,7 +344,6 @@ async def _relay(
             sink.add_sums()
             if sink.kept is not None:
                 record.content = {**(record.content or {}), "response": sink.kept.decode("utf-8", "replace")}
-    return response
 
 
 class ClientSink:
@@ -475,8 +481,7 @@ async def _timing_comment(gateway: Gateway, record: RequestRecord) -> bytes:
 
 
 async def _end_broken_stream(
-    request: web.Request,
-    response: web.StreamResponse,
+    client: ClientSide,
     kind: StreamKind | None,
     gateway: Gateway,
     record: RequestRecord,
@@ -501,8 +506,8 @@ async def _end_broken_stream(
     if kind is not None:
         separator = b"\n\n" if kind == "sse" else b"\n"
         # An event cut in the middle is closed first, so the error is an event of its own.
-        await response.write(
+        await client.write(
             (separator if last and not last.endswith(separator) else b"") + terminal_event(kind, message, code)
         )
-    elif request.transport is not None:
-        request.transport.close()
+    else:
+        client.cut()

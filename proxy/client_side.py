@@ -1,0 +1,89 @@
+"""The client's side of one pass-through exchange: what the relay needs from whichever server took the request.
+
+Two servers take requests: aiohttp's (every route) and the gateway's own protocol for the hot route
+(proxy/front.py). The relay in proxy/passthrough.py reads the request and writes the answer through this
+interface only, so both run the same forwarding code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDict, CIMultiDictProxy
+
+
+class ClientSide(Protocol):
+    method: str
+    target: str  # the request target as sent: path and query, still percent-encoded
+    path: str  # the decoded path, for the record
+    headers: CIMultiDict[str] | CIMultiDictProxy[str]
+    remote: str | None
+    content_length: int | None
+    body_exists: bool
+
+    def body_chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, for a body not read before the exchange began."""
+        ...
+
+    async def open(self, status: int, reason: str, headers: CIMultiDict[str]) -> tuple[asyncio.Transport, Any, bool]:
+        """Send the answer's head. Returns the client's transport, the protocol whose ``writing_paused`` says the
+        transport's buffer is full, and whether body bytes must be framed as HTTP chunks by the writer."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until the client's socket takes bytes again."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Body bytes outside the hot path (a closing event or comment), framed as the answer requires."""
+        ...
+
+    def cut(self) -> None:
+        """Close the connection with the answer unfinished, so the client sees a truncated response."""
+        ...
+
+
+class AiohttpClient:
+    """An aiohttp request and the streamed response that answers it."""
+
+    __slots__ = ("_writer", "body_exists", "content_length", "headers", "method", "path", "remote", "request",
+                 "response", "target")  # fmt: skip
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.method = request.method
+        self.target = request.raw_path
+        self.path = request.path
+        self.headers: CIMultiDict[str] | CIMultiDictProxy[str] = request.headers
+        self.remote = request.remote
+        self.content_length = request.content_length
+        self.body_exists = request.body_exists
+        self.response: web.StreamResponse | None = None
+        self._writer: AbstractStreamWriter | None = None
+
+    def body_chunks(self) -> AsyncIterator[bytes]:
+        return self.request.content.iter_any()
+
+    async def open(self, status: int, reason: str, headers: CIMultiDict[str]) -> tuple[asyncio.Transport, Any, bool]:
+        response = self.response = web.StreamResponse(status=status, reason=reason or None, headers=headers)
+        writer = self._writer = await response.prepare(self.request)
+        transport = self.request.transport
+        if writer is None or transport is None:
+            raise ConnectionResetError("the client's connection is closed")
+        return transport, self.request.protocol, response.headers.get("Transfer-Encoding") == "chunked"
+
+    async def drain(self) -> None:
+        assert self._writer is not None
+        await self._writer.drain()
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    def cut(self) -> None:
+        if self.request.transport is not None:
+            self.request.transport.close()
