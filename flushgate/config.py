@@ -82,6 +82,7 @@ class Config:
     log_format: LogFormat = "auto"
     log_content: bool = False
     hop_timing: bool = True
+    own_server: bool = True  # the pass-through's plain POSTs on the gateway's own protocol (proxy/front.py)
     timing_summary: bool = False
     engine_timing: bool = True  # managed engine: join vLLM's per-request spans into the record
     limits: Limits = field(default_factory=Limits)

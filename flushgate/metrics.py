@@ -163,5 +163,22 @@ class Metrics:
                 )
             )
 
+    def watch_own_server(self, answered: Callable[[], float], handed_over: Callable[[], float]) -> None:
+        """How much of the traffic the gateway's own HTTP server takes (proxy/front.py)."""
+        self.registry.register(
+            CallbackCounter(
+                "flushgate_own_server_requests",
+                "Requests answered by the gateway's own HTTP server rather than aiohttp's.",
+                answered,
+            )
+        )
+        self.registry.register(
+            CallbackCounter(
+                "flushgate_handed_over_connections",
+                "Client connections the gateway's own HTTP server handed to aiohttp's (a request it does not take).",
+                handed_over,
+            )
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

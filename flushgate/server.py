@@ -26,15 +26,18 @@ from flushgate.logs import get_logger, is_console
 from flushgate.metrics import Metrics
 from flushgate.proxy.app import build_app
 from flushgate.proxy.discovery import DnsDiscovery, DnsTarget, SrvLookup, dnspython_srv
+from flushgate.proxy.front import Front
 from flushgate.proxy.health_checks import HealthChecker
 from flushgate.proxy.ollama.settings import OllamaSettings, parse_thinking_aliases
 from flushgate.proxy.pool import Ejection, EnginePool
 from flushgate.proxy.router import Router, RoutingPolicy
+from flushgate.proxy.security import GUARDS
 from flushgate.proxy.state import Gateway
 from flushgate.proxy.upstream import AttachedBackend, Backend, open_session
 from flushgate.recorder import Recorder
 
 HEALTH_CHECK_TIMEOUT_S = 2.0
+BACKLOG = 1024  # connections the kernel queues before they are accepted (256 streams may open at once)
 
 
 class Server:
@@ -65,6 +68,8 @@ class Server:
         self.discovery: DnsDiscovery | None = None
         self.engine_timings: EngineTimings | None = None
         self.port: int = config.port
+        self.front: Front | None = None  # the hot route's own protocol, unless --no-own-server
+        self._listener: asyncio.Server | None = None
 
     async def _make_backends(self) -> list[Backend]:
         config = self.config
@@ -183,9 +188,7 @@ class Server:
             keepalive_timeout=limits.header_timeout,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, config.host, config.port, backlog=1024, reuse_port=config.reuse_port or None)
-        await site.start()
-        self.port = site.port
+        await self._listen()
         engines = [m.url for m in router.pool.members]
         self.log.info(
             "listening",
@@ -199,6 +202,35 @@ class Server:
         )
         for supervisor in self.supervisors:
             supervisor.start()  # after binding: the gateway answers (503 + Retry-After) while the model loads
+
+    async def _listen(self) -> None:
+        """Bind: aiohttp's server alone, or the gateway's own protocol (proxy/front.py) handing it the rest."""
+        config = self.config
+        assert self._runner is not None
+        assert self.gateway is not None
+        reuse_port = config.reuse_port or None
+        if not config.own_server:
+            site = web.TCPSite(self._runner, config.host, config.port, backlog=BACKLOG, reuse_port=reuse_port)
+            await site.start()
+            self.port = site.port
+            return
+        aiohttp_server = self._runner.server
+        assert aiohttp_server is not None
+        limits = config.limits
+        self.front = Front(
+            self.gateway,
+            self._runner.app[GUARDS],
+            aiohttp_server,
+            max_header_bytes=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+            header_timeout=limits.header_timeout,
+        )
+        stats = self.front.stats
+        self.gateway.recorder.metrics.watch_own_server(lambda: stats.answered, lambda: stats.handed_over)
+        self._listener = await asyncio.get_running_loop().create_server(
+            self.front, config.host, config.port, backlog=BACKLOG, reuse_port=reuse_port
+        )
+        self.port = self._listener.sockets[0].getsockname()[1]
 
     def begin_drain(self) -> None:
         """From now on readiness fails and new requests get 503; in-flight ones carry on."""
@@ -225,6 +257,10 @@ class Server:
             self._progress.cancel()
         for output in self._engine_outputs:
             output.close()
+        if self._listener is not None:
+            self._listener.close()
+        if self.front is not None:
+            self.front.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.gateway is not None:

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 
 from flushgate.proxy.chat_page import ASSET_PREFIX, accepts_html
 from flushgate.proxy.refusal import refuse
@@ -44,8 +44,8 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
-def bearer_token(request: web.Request) -> str | None:
-    scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+def bearer_token(headers: MultiMapping[str]) -> str | None:
+    scheme, _, token = headers.get(hdrs.AUTHORIZATION, "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
@@ -67,7 +67,7 @@ def require_api_key(keys: ApiKeys, *, protect_metrics: bool) -> Middleware:
     async def api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in open_paths or _is_page(request):
             return await handler(request)
-        token = bearer_token(request)
+        token = bearer_token(request.headers)
         if token is None or not keys.accepts(token):
             message = (
                 "no API key given; send it as 'Authorization: Bearer KEY'"

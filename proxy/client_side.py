@@ -13,17 +13,34 @@ from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 
 class ClientSide(Protocol):
-    method: str
-    target: str  # the request target as sent: path and query, still percent-encoded
-    path: str  # the decoded path, for the record
-    headers: CIMultiDict[str] | CIMultiDictProxy[str]
-    remote: str | None
-    content_length: int | None
-    body_exists: bool
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def target(self) -> str:
+        """The request target as sent: path and query, still percent-encoded."""
+        ...
+
+    @property
+    def path(self) -> str:
+        """The decoded path, for the record."""
+        ...
+
+    @property
+    def headers(self) -> MultiMapping[str]: ...
+
+    @property
+    def remote(self) -> str | None: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def body_exists(self) -> bool: ...
 
     def body_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, for a body not read before the exchange began."""

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
+from multidict import CIMultiDict
 
 from flushgate.proxy.refusal import refuse
 
@@ -55,14 +56,19 @@ class CorsPolicy:
 
         return preflight
 
+    def shape_without_origin(self, headers: CIMultiDict[str]) -> None:
+        """What every response gets, whoever asked: the engine's own CORS headers dropped, and ``Vary: Origin``
+        where only listed origins are allowed (a cache must not serve one origin's answer to another)."""
+        for name in [name for name in headers if name.lower().startswith("access-control-")]:
+            headers.popall(name, None)
+        if self.enabled and not self.any_origin:
+            headers.add(hdrs.VARY, hdrs.ORIGIN)
+
     async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         """Runs on every response just before its headers go out, the engine's pass-through included."""
-        for name in [name for name in response.headers if name.lower().startswith("access-control-")]:
-            response.headers.popall(name, None)
+        self.shape_without_origin(response.headers)
         if not self.enabled:
             return
-        if not self.any_origin:
-            response.headers.add(hdrs.VARY, hdrs.ORIGIN)
         allowed = self.allowed_origin(request)
         if allowed is None:
             return

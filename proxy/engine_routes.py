@@ -68,13 +68,20 @@ class RoutePolicy:
             return False
         return any(pattern.fullmatch(decoded) for pattern in self._patterns)
 
+    def forwards(self, raw_path: str) -> bool:
+        """``allows``, with percent-escapes that are not UTF-8 (they name no route of the engine) refused."""
+        try:
+            return self.allows(raw_path)
+        except UnicodeDecodeError:
+            return False
+
 
 def forward_only_allowed_routes(policy: RoutePolicy, passthrough: Handler) -> Middleware:
     """403 for any path the pass-through would send to the engine that is not on the allowlist."""
 
     @web.middleware
     async def allowed_routes(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.match_info.handler is passthrough and not _allows(policy, request.raw_path):
+        if request.match_info.handler is passthrough and not policy.forwards(request.raw_path):
             return refuse(
                 request,
                 403,
@@ -85,10 +92,3 @@ def forward_only_allowed_routes(policy: RoutePolicy, passthrough: Handler) -> Mi
         return await handler(request)
 
     return allowed_routes
-
-
-def _allows(policy: RoutePolicy, raw_path: str) -> bool:
-    try:
-        return policy.allows(raw_path)
-    except UnicodeDecodeError:  # percent-escapes that are not UTF-8 name no route of the engine
-        return False

@@ -61,3 +61,7 @@ class Admission:
                 self.active -= 1
 
         return admission
+
+    def leave(self, _: object = None) -> None:
+        """One request taken outside the middleware (proxy/front.py) has ended."""
+        self.active -= 1

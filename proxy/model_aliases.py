@@ -7,6 +7,7 @@ other request, and every chat completion naming a plain model, is forwarded unto
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
@@ -63,6 +64,11 @@ async def _models_with_aliases(request: web.Request, registry: ModelRegistry) ->
     return web.Response(body=orjson.dumps(listing), content_type="application/json")
 
 
+def names_alias(model: str, tags: Iterable[str]) -> bool:
+    """Whether a model name ends in an alias tag; only such a name costs a look at the engine's models."""
+    return any(model.endswith((f":{tag}", f"-{tag}")) for tag in tags)
+
+
 async def _chat_with_alias(request: web.Request, registry: ModelRegistry) -> web.StreamResponse:
     size = request.content_length
     if not registry.settings.thinking_aliases or size is None or size > ALIAS_BODY_LIMIT:
@@ -74,8 +80,7 @@ async def _chat_with_alias(request: web.Request, registry: ModelRegistry) -> web
     name = named.group(1).decode("utf-8", "replace") if named else ""
     tags = registry.settings.thinking_aliases
     # Only a name ending in an alias tag costs a look at the engine's models.
-    looks_aliased = any(name.endswith((f":{tag}", f"-{tag}")) for tag in tags)
-    target = (await _alias_names(registry)).get(name) if looks_aliased else None
+    target = (await _alias_names(registry)).get(name) if names_alias(name, tags) else None
     if target is None:
         return await forward(request, raw, received, body_done)
     try:

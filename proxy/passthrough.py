@@ -215,6 +215,7 @@ def _outgoing(
         if "Content-Length" in headers:  # the client's own length still holds for the bytes that stream on
             return None, payload, False, b""
         return None, payload, True, b"Transfer-Encoding: chunked\r\n"
+    headers.popall("Content-Length", None)  # a client's "Content-Length: 0" must not go out beside this one
     return None, None, False, b"Content-Length: 0\r\n" if client.method in BODY_METHODS else b""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -11,6 +13,20 @@ from flushgate.proxy.cors import CorsPolicy
 from flushgate.proxy.engine_routes import RoutePolicy, forward_only_allowed_routes
 from flushgate.proxy.expect import use_own_expect_handler
 from flushgate.proxy.limits import Admission, limit_body_size
+
+
+@dataclass(frozen=True, slots=True)
+class Guards:
+    """The guards as installed, for the hot route's own server (proxy/front.py) to apply the same rules."""
+
+    cors: CorsPolicy
+    keys: ApiKeys
+    routes: RoutePolicy
+    max_body_bytes: int
+    admission: Admission | None
+
+
+GUARDS = web.AppKey("guards", Guards)
 
 
 def install_guards(app: web.Application, access: Access, limits: Limits, passthrough: Handler) -> None:
@@ -23,9 +39,12 @@ def install_guards(app: web.Application, access: Access, limits: Limits, passthr
     keys = ApiKeys(access.api_keys)
     if keys:
         app.middlewares.append(require_api_key(keys, protect_metrics=access.metrics_auth))
-    app.middlewares.append(forward_only_allowed_routes(RoutePolicy(access.allow_routes), passthrough))
+    routes = RoutePolicy(access.allow_routes)
+    app.middlewares.append(forward_only_allowed_routes(routes, passthrough))
     if limits.max_body_bytes:
         app.middlewares.append(limit_body_size(limits.max_body_bytes))
-    if limits.max_concurrent:
-        app.middlewares.append(Admission(limits.max_concurrent).middleware())
+    admission = Admission(limits.max_concurrent) if limits.max_concurrent else None
+    if admission is not None:
+        app.middlewares.append(admission.middleware())
     app.on_startup.append(use_own_expect_handler)
+    app[GUARDS] = Guards(cors, keys, routes, limits.max_body_bytes, admission)

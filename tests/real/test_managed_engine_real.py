@@ -68,12 +68,13 @@ async def test_streamed_chat_has_the_real_answer_and_usage(smol_gateway: Gateway
     assert usage is not None
     assert finish in ("stop", "length")
     assert 0 < usage.completion_tokens <= 32
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(smol_gateway.url + "/tokenize", json={"model": MODEL, "messages": QUESTION}) as resp,
-    ):
-        assert resp.status == 200
-        assert usage.prompt_tokens == (await resp.json())["count"]
+    async with aiohttp.ClientSession() as session:
+        async with session.post(smol_gateway.url + "/tokenize", json={"model": MODEL, "messages": QUESTION}) as resp:
+            assert resp.status == 200
+            assert usage.prompt_tokens == (await resp.json())["count"]
+        async with session.get(smol_gateway.url + "/metrics") as resp:
+            # The official client's requests are plain POSTs: the gateway's own HTTP server answered them.
+            assert engine_gauge(await resp.text(), "flushgate_own_server_requests_total") >= 2
 
 
 async def test_the_request_id_reaches_vllm_and_comes_back(smol_gateway: GatewayProcess) -> None:

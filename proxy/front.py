@@ -1,0 +1,409 @@
+"""The hot route on the gateway's own HTTP/1.1 server protocol; every other request goes to aiohttp's.
+
+Under a burst of new streams the gateway's cost per request decides how long the last of them waits for its
+first token. aiohttp's server builds a request object, a task and a middleware chain per request before the
+handler runs; here llhttp (``httptools``) parses the head in the read callback and the pass-through
+(proxy/passthrough.py, the same code aiohttp's route runs) starts at once.
+
+Taken here: a whole ``POST`` to a forwarded route, with a ``Content-Length`` body of at most ``BODY_CAP`` bytes,
+that passes the gateway's guards as they stand (API key, route allowlist, body size, concurrency cap). Anything
+else, from a browser's CORS request or an ``Expect`` header to a malformed head, is handed to aiohttp with the
+bytes read so far, and that connection is aiohttp's from then on: one server answers each request in full, with
+every rule it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, cast
+from urllib.parse import unquote
+
+import httptools
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+from flushgate.proxy import body as outgoing_body
+from flushgate.proxy.auth import bearer_token
+from flushgate.proxy.cors import CorsPolicy
+from flushgate.proxy.errors import error_response
+from flushgate.proxy.model_aliases import names_alias
+from flushgate.proxy.passthrough import MODEL_FIELD, exchange
+from flushgate.proxy.security import Guards
+from flushgate.proxy.state import Gateway
+from flushgate.timings import now
+
+BODY_CAP = 1 << 20  # larger bodies go to aiohttp's server, which streams them on instead of reading them first
+FORWARDED_PATHS = frozenset({b"/tokenize", b"/detokenize"})  # and every path under /v1/ (proxy/app.py)
+_NO_BODY = frozenset({204, 304})
+# Request headers that need a rule of aiohttp's server (or the CORS guard's) to be answered right.
+_HANDED_OVER_HEADERS = frozenset({"origin", "expect", "transfer-encoding", "upgrade"})
+
+
+@dataclass(slots=True)
+class FrontStats:
+    """How many requests the front answered itself, and how many connections it handed to aiohttp."""
+
+    answered: int = 0
+    handed_over: int = 0
+
+
+class Front:
+    """What every client connection shares: the gateway, its guards, aiohttp's server for what is handed over."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        guards: Guards,
+        aiohttp_server: Callable[[], asyncio.Protocol],
+        *,
+        max_header_bytes: int,
+        max_headers: int,
+        header_timeout: float,
+    ) -> None:
+        self.gateway = gateway
+        self.guards = guards
+        self.aiohttp_server = aiohttp_server
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.header_timeout = header_timeout
+        self.connections: set[ClientConnection] = set()
+        self.stats = FrontStats()
+
+    def __call__(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def close(self) -> None:
+        """Close every connection still served here (the drain has let the in-flight requests finish)."""
+        for connection in list(self.connections):
+            connection.close()
+
+
+class FrontRequest:
+    """One request taken by the front: the pass-through's view of the client (``ClientSide``)."""
+
+    __slots__ = ("_conn", "_cors", "body", "body_exists", "chunked", "content_length", "cut_off", "headers", "method",
+                 "opened", "path", "remote", "target")  # fmt: skip
+
+    def __init__(
+        self, conn: ClientConnection, cors: CorsPolicy, target: str, headers: CIMultiDict[str], body: bytes
+    ) -> None:
+        self._conn = conn
+        self._cors = cors
+        self.method = "POST"
+        self.target = target
+        self.path = unquote(target.split("?", 1)[0])
+        self.headers = headers
+        self.remote = conn.remote
+        self.body = body
+        self.content_length: int | None = len(body)
+        self.body_exists = bool(body)
+        self.chunked = False
+        self.opened = False
+        self.cut_off = False
+
+    async def body_chunks(self) -> AsyncIterator[bytes]:
+        yield self.body  # the front reads every body whole before the exchange begins
+
+    async def open(self, status: int, reason: str, headers: CIMultiDict[str]) -> tuple[asyncio.Transport, Any, bool]:
+        conn = self._conn
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client's connection is closed")
+        self._cors.shape_without_origin(headers)
+        bodiless = status in _NO_BODY or status < 200
+        self.chunked = not bodiless and hdrs.CONTENT_LENGTH not in headers
+        if self.chunked:
+            headers[hdrs.TRANSFER_ENCODING] = "chunked"
+        if not conn.keep_alive:
+            headers[hdrs.CONNECTION] = "close"
+        transport.write(_head(status, reason, headers))
+        self.opened = True
+        return transport, conn, self.chunked
+
+    async def drain(self) -> None:
+        await self._conn.drain()
+
+    async def write(self, data: bytes) -> None:
+        transport = self._conn.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client's connection is closed")
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        await self._conn.drain()
+
+    def cut(self) -> None:
+        self.cut_off = True
+        if self._conn.transport is not None:
+            self._conn.transport.close()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client's connection: the hot route's requests are answered here, one at a time."""
+
+    def __init__(self, front: Front) -> None:
+        self._front = front
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.writing_paused = False  # read by the pass-through's sink after each write, as aiohttp's is
+        self.keep_alive = True
+        self._drained: asyncio.Future[None] | None = None
+        self._raw = bytearray()  # every byte of the request being read (or read past the one being answered)
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = bytearray()
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._head_done = False
+        self._complete = False
+        self._hand_over_now = False
+        self._started = 0.0
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else None
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._front.connections.add(self)
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self._raw += data
+        if self._task is not None:  # the client sent on before its answer ended: aiohttp takes it from there
+            if len(self._raw) > BODY_CAP and self.transport is not None:
+                self.transport.pause_reading()  # until then, the socket holds the rest
+            return
+        if not self._started:
+            self._started = now()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:  # malformed, an upgrade, or a second request: aiohttp's to answer
+            self._hand_over()
+            return
+        if self._hand_over_now or (not self._head_done and len(self._raw) > self._front.max_header_bytes):
+            self._hand_over()
+        elif self._complete:
+            self._begin()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._front.connections.discard(self)
+        self._cancel_timer()
+        if self._task is not None:
+            self._task.cancel()  # the exchange ends as a client abort, which closes the engine's request
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # -- httptools callbacks ------------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:  # a second request in the same read
+            self._hand_over_now = True
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._front.max_header_bytes:
+            self._hand_over_now = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        if len(name) + len(value) > self._front.max_header_bytes or len(self._headers) > self._front.max_headers:
+            self._hand_over_now = True
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+        self._cancel_timer()
+        if not self._takes_head():
+            self._hand_over_now = True
+
+    def on_body(self, body: bytes) -> None:
+        if not self._hand_over_now:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+
+    # -- the exchange -------------------------------------------------------------------------------------------
+
+    def _takes_head(self) -> bool:
+        """Whether the head alone allows this request here: the body's own checks come once it is read."""
+        parser = self._parser
+        if parser.get_method() != b"POST" or parser.get_http_version() != "1.1" or parser.should_upgrade():
+            return False
+        path = bytes(self._url).split(b"?", 1)[0]
+        if not (path.startswith(b"/v1/") or path in FORWARDED_PATHS):
+            return False
+        declared = -1
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered.decode("latin-1") in _HANDED_OVER_HEADERS:
+                return False
+            if lowered == b"content-length":
+                declared = int(value) if value.isdigit() else -1
+        # A body read here whole can be sent again to another engine: no larger than one read ahead for that.
+        limit = min(BODY_CAP, outgoing_body.READ_AHEAD_CAP, self._front.guards.max_body_bytes or BODY_CAP)
+        return 0 < declared <= limit
+
+    def _begin(self) -> None:
+        front = self._front
+        guards = front.guards
+        body_done = now()
+        try:  # bytes that are not UTF-8 in the head: aiohttp's rules decide what becomes of them
+            target = self._url.decode()
+            headers = CIMultiDict((name.decode(), value.decode()) for name, value in self._headers)
+        except UnicodeDecodeError:
+            self._hand_over()
+            return
+        body = b"".join(self._body)
+        if not guards.routes.forwards(target) or self._aliased(body, target):
+            self._hand_over()
+            return
+        if guards.keys:
+            token = bearer_token(headers)
+            if token is None or not guards.keys.accepts(token):
+                self._hand_over()  # aiohttp's guard answers 401 in the API's own words
+                return
+            del headers[hdrs.AUTHORIZATION]  # the key is for the gateway alone
+        admission = guards.admission
+        if admission is not None:
+            if admission.active >= admission.limit:
+                self._hand_over()  # aiohttp's guard answers 429
+                return
+            admission.active += 1
+        self.keep_alive = self._parser.should_keep_alive()
+        request = FrontRequest(self, guards.cors, target, headers, body)
+        started = self._started
+        del self._raw[:]
+        self._reset()
+        front.stats.answered += 1
+        self._task = task = self._loop.create_task(self._serve(request, started, body_done))
+        if admission is not None:
+            task.add_done_callback(admission.leave)  # also when the task is cancelled before it starts
+
+    def _aliased(self, body: bytes, target: str) -> bool:
+        """A chat completion naming a thinking alias: rewritten by aiohttp's route (proxy/model_aliases.py)."""
+        tags = self._front.gateway.ollama.thinking_aliases
+        if not tags or not target.startswith("/v1/chat/completions"):
+            return False
+        named = MODEL_FIELD.search(body)
+        return named is not None and names_alias(named.group(1).decode("utf-8", "replace"), tags)
+
+    async def _serve(self, request: FrontRequest, started: float, body_done: float) -> None:
+        front = self._front
+        finished = False
+        try:
+            answer = await exchange(request, front.gateway, request.body, started, body_done)
+            if answer is not None:
+                self._reply(answer)
+            elif request.opened and not request.cut_off and request.chunked:
+                self._write(b"0\r\n\r\n")
+            finished = (request.opened and not request.cut_off) or answer is not None
+        except asyncio.CancelledError:
+            pass  # the client's connection is gone
+        except Exception:
+            front.gateway.log.exception("front_exchange_failed", path=request.path)
+            if not request.opened:
+                self._reply(error_response(500, "the gateway failed to forward the request", code="internal_error"))
+        finally:
+            self._task = None
+            self._after(finished)
+
+    def _after(self, finished: bool) -> None:
+        """The answer is out: wait for the next request, or hand on what the client already sent."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not finished or not self.keep_alive:
+            transport.close()
+            return
+        self._arm_timer()
+        if self._raw:
+            self._hand_over()
+
+    def _reply(self, response: web.Response) -> None:
+        body = cast(bytes, response.body or b"")
+        headers = CIMultiDict(response.headers)
+        self._front.guards.cors.shape_without_origin(headers)
+        headers[hdrs.CONTENT_LENGTH] = str(len(body))
+        if not self.keep_alive:
+            headers[hdrs.CONNECTION] = "close"
+        self._write(_head(response.status, response.reason, headers) + body)
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client's connection is closed")
+        if self.writing_paused:
+            self._drained = self._loop.create_future()
+            await self._drained
+            if transport.is_closing():
+                raise ConnectionResetError("the client's connection is closed")
+
+    def _hand_over(self) -> None:
+        """From here on this connection is aiohttp's, starting with every byte of the request not answered."""
+        transport = self.transport
+        assert transport is not None
+        self._cancel_timer()
+        self._front.connections.discard(self)
+        self._front.stats.handed_over += 1
+        protocol = self._front.aiohttp_server()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if not transport.is_reading():
+            transport.resume_reading()
+        if self._raw:
+            protocol.data_received(bytes(self._raw))
+        self._raw = bytearray()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _arm_timer(self) -> None:
+        """A whole request head must come within the header timeout of opening or of the last answer."""
+        self._cancel_timer()
+        self._timer = self._loop.call_later(self._front.header_timeout, self._on_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self._task is None:
+            self.close()
+
+
+def _head(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:
+    if not reason:
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = ""
+    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")

@@ -1,0 +1,298 @@
+"""The hot route's own server protocol (proxy/front.py): what it answers itself, what it hands to aiohttp, and
+that a handed-over request is answered exactly as before (every earlier test of the pass-through now runs
+through the front wherever a request qualifies)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from flushgate.config import Access, Config, Limits, Timeouts
+from flushgate.proxy import front
+from flushgate.server import Server
+from tests.fakes import DONE_EVENT, FakeUpstream, chat_event, record_and_echo, start_stream, stream_hello
+from tests.raw_http import parse_response
+
+GUARD_S = 10
+CHAT = "/v1/chat/completions"
+CHUNKED_BODY = b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+BODY = b'{"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": true}'
+
+
+def stats(server: Server) -> tuple[int, int]:
+    assert server.front is not None
+    return server.front.stats.answered, server.front.stats.handed_over
+
+
+def post_bytes(target: str = CHAT, body: bytes = BODY, extra: str = "", version: str = "1.1") -> bytes:
+    head = f"POST {target} HTTP/{version}\r\nHost: gw\r\nContent-Type: application/json\r\n{extra}"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    """One whole answer off a kept-alive connection, as sent: its head, then a chunked or Content-Length body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), GUARD_S)
+    lowered = head.lower()
+    if b"transfer-encoding: chunked" in lowered:
+        raw = head
+        while True:
+            size_line = await asyncio.wait_for(reader.readuntil(b"\r\n"), GUARD_S)
+            size = int(size_line.strip(), 16)
+            raw += size_line + await asyncio.wait_for(reader.readexactly(size + 2), GUARD_S)
+            if size == 0:
+                return raw
+    length = int(lowered.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+    return head + await asyncio.wait_for(reader.readexactly(length), GUARD_S)
+
+
+@pytest.fixture
+async def connection(gateway: Server) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    yield reader, writer
+    writer.close()
+
+
+async def test_plain_posts_on_one_connection_are_answered_by_the_front_byte_for_byte(
+    fake: FakeUpstream, gateway: Server, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+) -> None:
+    fake.handler = stream_hello
+    reader, writer = connection
+    expected = b"".join(
+        (chat_event("Hel"), chat_event("lo"), chat_event(finish_reason="stop")),
+    )
+    for _ in range(2):
+        writer.write(post_bytes())
+        answer = parse_response(await read_answer(reader), "POST")
+        assert answer.status == 200
+        assert answer.body.startswith(expected)
+        assert answer.body.endswith(DONE_EVENT)
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        assert answer.headers["x-request-id"]
+        assert "engine-ttfb" in answer.headers["server-timing"]
+    assert stats(gateway) == (2, 0)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")
+    metrics = parse_response(await read_answer(reader)).body.decode()
+    assert "flushgate_own_server_requests_total 2.0" in metrics
+    assert "flushgate_handed_over_connections_total 1.0" in metrics  # this very request
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("GET", b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n"),
+        ("CORS", post_bytes(extra="Origin: http://ui.example\r\n")),
+        ("Expect", post_bytes(extra="Expect: 100-continue\r\n")),
+        ("HTTP/1.0", post_bytes(version="1.0")),
+        ("thinking alias", post_bytes(body=b'{"model": "fake-model:think", "messages": []}')),
+        ("route not allowed", post_bytes("/v1/load_lora_adapter")),
+        ("no body", b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n"),
+        ("chunked body", b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\n" + CHUNKED_BODY),
+        ("malformed", b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: x\r\n\r\n"),
+    ],
+)
+async def test_what_the_front_does_not_take_goes_to_aiohttp_with_every_byte_read(
+    fake: FakeUpstream, gateway: Server, name: str, raw: bytes
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(raw[:20])  # in two reads: what the front kept of the first is handed over too
+        await writer.drain()
+        writer.write(raw[20:])
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), GUARD_S)
+        if head.startswith(b"HTTP/1.1 100 "):  # the answer to Expect comes first
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), GUARD_S)
+    finally:
+        writer.close()
+    status = int(head.split(b" ", 2)[1])
+    assert status == {"route not allowed": 403, "malformed": 400}.get(name, 200), head
+    assert stats(gateway) == (0, 1)
+
+
+async def test_requests_pipelined_in_one_read_are_all_handed_over_and_answered_in_order(
+    fake: FakeUpstream, gateway: Server, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+) -> None:
+    reader, writer = connection
+    writer.write(post_bytes(body=b'{"n": 1}') + post_bytes(body=b'{"n": 2}'))
+    for _ in range(2):
+        assert parse_response(await read_answer(reader), "POST").status == 200
+    assert [seen.body for seen in fake.seen] == [b'{"n": 1}', b'{"n": 2}']
+    assert stats(gateway) == (0, 1)
+
+
+async def test_a_request_sent_before_the_answer_ends_waits_for_it_then_goes_to_aiohttp(
+    fake: FakeUpstream, gateway: Server, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+) -> None:
+    release = asyncio.Event()
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        if (await request.read()) != b'{"n": 1}':
+            return await record_and_echo(fake, request)
+        response = await start_stream(request)
+        await response.write(chat_event("first"))
+        await release.wait()
+        await response.write(DONE_EVENT)
+        return response
+
+    fake.handler = held
+    reader, writer = connection
+    writer.write(post_bytes(body=b'{"n": 1}'))
+    first = await asyncio.wait_for(reader.readuntil(b"first"), GUARD_S)
+    writer.write(post_bytes(body=b'{"n": 2}'))
+    await writer.drain()
+    release.set()
+    first += await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), GUARD_S)
+    second = parse_response(await read_answer(reader), "POST")
+    assert parse_response(first, "POST").body.endswith(DONE_EVENT)
+    assert orjson.loads(second.body) == {"ok": True}
+    assert stats(gateway) == (1, 1)
+
+
+async def test_a_client_that_leaves_mid_stream_aborts_the_engine_request(
+    fake: FakeUpstream, gateway: Server, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+) -> None:
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = await start_stream(request)
+        await response.write(chat_event("tick"))
+        await asyncio.Event().wait()
+        return response
+
+    fake.handler = endless
+    reader, writer = connection
+    writer.write(post_bytes())
+    await asyncio.wait_for(reader.readuntil(b"tick"), GUARD_S)
+    writer.transport.abort()
+    await asyncio.wait_for(fake.peer_gone.wait(), GUARD_S)
+    assert gateway.gateway is not None
+    await asyncio.wait_for(gateway.gateway.wait_idle(GUARD_S), GUARD_S)
+    assert stats(gateway) == (1, 0)
+
+
+async def test_the_engines_own_cors_headers_are_dropped_and_vary_is_added_where_origins_are_listed(
+    fake: FakeUpstream,
+) -> None:
+    async def with_cors(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True}, headers={"Access-Control-Allow-Origin": "*"})
+
+    fake.handler = with_cors
+    server = Server(Config(upstream=fake.url, port=0, access=Access(cors_origins=("http://ui.example",))))
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(post_bytes())
+        answer = parse_response(await read_answer(reader), "POST")
+        writer.close()
+    finally:
+        await server.stop()
+    assert answer.status == 200
+    assert "access-control-allow-origin" not in answer.headers
+    assert answer.headers["vary"] == "Origin"
+    assert stats(server) == (1, 0)
+
+
+async def test_api_keys_a_good_key_is_taken_and_not_passed_on_a_bad_one_gets_aiohttps_401(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    server = Server(Config(upstream=fake.url, port=0, access=Access(api_keys=("sesame",))))
+    await server.start()
+    url = f"http://127.0.0.1:{server.port}{CHAT}"
+    try:
+        async with http.post(url, data=BODY, headers={"Authorization": "Bearer sesame"}) as resp:
+            assert resp.status == 200
+        async with http.post(url, data=BODY, headers={"Authorization": "Bearer wrong"}) as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"]["code"] == "invalid_api_key"
+    finally:
+        await server.stop()
+    assert "authorization" not in fake.seen[0].headers
+    assert len(fake.seen) == 1
+    assert stats(server) == (1, 1)
+
+
+async def test_the_concurrency_cap_counts_the_fronts_requests_and_frees_them(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    release = asyncio.Event()
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        response = await start_stream(request)
+        await response.write(chat_event("held"))
+        await release.wait()
+        await response.write(DONE_EVENT)
+        return response
+
+    fake.handler = held
+    server = Server(Config(upstream=fake.url, port=0, limits=Limits(max_concurrent=1)))
+    await server.start()
+    url = f"http://127.0.0.1:{server.port}{CHAT}"
+    try:
+        async with http.post(url, data=BODY) as first:
+            await asyncio.wait_for(first.content.readuntil(b"held"), GUARD_S)
+            async with http.post(url, data=BODY) as second:
+                assert second.status == 429
+            release.set()
+            assert (await first.read()).endswith(DONE_EVENT)
+        assert server.front is not None
+        admission = server.front.guards.admission
+        assert admission is not None
+        assert admission.active == 0
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(post_bytes())
+        assert parse_response(await read_answer(reader), "POST").status == 200
+        writer.close()
+    finally:
+        await server.stop()
+    assert stats(server) == (2, 1)
+
+
+async def test_an_unexpected_failure_is_a_500_in_openai_shape(
+    gateway: Server, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(front, "exchange", broken)
+    reader, writer = connection
+    writer.write(post_bytes())
+    answer = parse_response(await read_answer(reader), "POST")
+    assert answer.status == 500
+    assert orjson.loads(answer.body)["error"]["code"] == "internal_error"
+    assert b"a bug" not in answer.body
+
+
+async def test_stopping_closes_a_kept_alive_connection_of_the_front(fake: FakeUpstream) -> None:
+    server = Server(Config(upstream=fake.url, port=0, timeouts=Timeouts(drain=1.0)))
+    await server.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(post_bytes())
+    assert parse_response(await read_answer(reader), "POST").status == 200
+    await server.stop()
+    assert await asyncio.wait_for(reader.read(), GUARD_S) == b""
+    writer.close()
+
+
+async def test_without_the_own_server_aiohttp_answers_everything(
+    fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    server = Server(Config(upstream=fake.url, port=0, own_server=False))
+    await server.start()
+    try:
+        async with http.post(f"http://127.0.0.1:{server.port}{CHAT}", data=BODY) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Request-ID"]
+    finally:
+        await server.stop()
+    assert server.front is None
+
+
+async def test_a_post_without_a_body_reaches_the_engine_with_one_content_length(
+    fake: FakeUpstream, gateway: Server, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+) -> None:
+    reader, writer = connection
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n")
+    assert parse_response(await read_answer(reader), "POST").status == 200
+    assert fake.seen[0].headers["content-length"] == ["0"]  # not the client's beside the gateway's
