@@ -42,3 +42,9 @@ bench-profile: bench-deps
 bench-instructions: bench-deps
 	@command -v valgrind >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q valgrind; }
 	$(PY) -m flushgate.bench.instructions --out $(BENCH_OUT)/hop-instructions.json
+
+# CPU of one whole short request (one token, a new connection each) for flushgate, flushgate on aiohttp's server
+# alone, and nginx.
+.PHONY: bench-request-cost
+bench-request-cost: bench-deps
+	$(PY) -m flushgate.bench.request_cost --out $(BENCH_OUT)/request-cost.json

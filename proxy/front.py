@@ -15,7 +15,6 @@ every rule it has.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -170,11 +169,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
-        peer = transport.get_extra_info("peername")
+        peer = transport.get_extra_info("peername")  # TCP_NODELAY: uvloop and asyncio set it on every TCP socket
         self.remote = peer[0] if isinstance(peer, tuple) else None
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._front.connections.add(self)
         self._arm_timer()
 
