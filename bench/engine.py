@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import re
 import socket
 import sys
@@ -278,6 +279,8 @@ async def start_engine(host: str = "127.0.0.1", port: int = 0) -> tuple[asyncio.
 
 async def _serve(host: str, port: int) -> None:
     server, bound = await start_engine(host, port)
+    gc.collect()
+    gc.freeze()  # as the gateway does: no full collection walks the start-up objects while streams wait
     print(f"listening {bound}", flush=True)  # the runner reads the port from this line
     async with server:
         await server.serve_forever()

@@ -8,6 +8,7 @@ the send time the engine wrote into it, so parsing never delays the clock of the
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import time
 from dataclasses import dataclass, field
@@ -260,6 +261,18 @@ async def run_scenario(host: str, port: int, scenario: Scenario, bearer: str = "
     ``bearer`` is sent as the API key to every target alike; only LiteLLM checks it.
     """
     request = scenario.request_bytes(host, port, bearer)
+    # Every piece received is kept until the run ends; a full collection over them (tens of ms with 256 streams)
+    # would stall the reads and show as a delay of whichever target was being measured.
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        return await _run_scenario(host, port, scenario, request)
+    finally:
+        if gc_was_on:
+            gc.enable()
+
+
+async def _run_scenario(host: str, port: int, scenario: Scenario, request: bytes) -> ScenarioRun:
     started = time.monotonic_ns()
     deadline = started + int(scenario.deadline_s * 1e9)
     recordings: list[Recording] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -276,5 +277,9 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    # What start-up made lives as long as the process. Frozen, it is left out of every later full collection,
+    # which would otherwise walk all of it while streams wait (25-55 ms at a time under 256 streams).
+    gc.collect()
+    gc.freeze()
     await stop.wait()
     await server.stop()

@@ -112,7 +112,8 @@ class EngineConnection(asyncio.Protocol):
         self._cancel_timer()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
-        if self._parser is None or self.complete:
+        parser, self._parser = self._parser, None  # the parser refers back to this protocol: no cycle is left
+        if parser is None or self.complete:
             return
         head = self._head
         if head is not None and head.done() and self._until_close and exc is None:
@@ -249,6 +250,7 @@ class EngineConnection(asyncio.Protocol):
     def park(self) -> None:
         """Between exchanges: any byte the engine sends now is a fault, and the keep-alive clock runs."""
         self._parser = None
+        self._sink = self._head = self._event = None  # nothing of the last exchange is kept alive by the pool
         self.idle_since = self._loop.time()
 
     @property

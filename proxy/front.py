@@ -156,7 +156,7 @@ class ClientConnection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._url = bytearray()
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
@@ -182,6 +182,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if not self._started:
             self._started = now()
+        assert self._parser is not None  # dropped only once the connection is gone or handed over
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:  # malformed, an upgrade, or a second request: aiohttp's to answer
@@ -193,6 +194,7 @@ class ClientConnection(asyncio.Protocol):
             self._begin()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._parser = None  # it refers back to this protocol: without the cycle, freeing needs no GC pass
         self._front.connections.discard(self)
         self._cancel_timer()
         if self._task is not None:
@@ -242,6 +244,7 @@ class ClientConnection(asyncio.Protocol):
     def _takes_head(self) -> bool:
         """Whether the head alone allows this request here: the body's own checks come once it is read."""
         parser = self._parser
+        assert parser is not None  # a callback of this very parser
         if parser.get_method() != b"POST" or parser.get_http_version() != "1.1" or parser.should_upgrade():
             return False
         path = bytes(self._url).split(b"?", 1)[0]
@@ -284,6 +287,7 @@ class ClientConnection(asyncio.Protocol):
                 self._hand_over()  # aiohttp's guard answers 429
                 return
             admission.active += 1
+        assert self._parser is not None
         self.keep_alive = self._parser.should_keep_alive()
         request = FrontRequest(self, guards.cors, target, headers, body)
         started = self._started
@@ -362,6 +366,7 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         self._cancel_timer()
+        self._parser = None
         self._front.connections.discard(self)
         self._front.stats.handed_over += 1
         protocol = self._front.aiohttp_server()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from flushgate.bench import loadgen
 from flushgate.bench.engine import start_engine
 from flushgate.bench.framing import EventSplitter, FramingError, MessageParser, event_data
 from flushgate.bench.loadgen import Recording, Scenario, analyse, fetch_stream, run_scenario
@@ -174,6 +176,23 @@ async def test_fake_engine_streams_reach_the_load_generator_whole_and_in_order()
         assert result.ttft_ns is not None
         assert result.ttft_ns > 0
         assert all(delay >= 0 for delay in result.delays_ns)
+
+
+async def test_no_garbage_collection_runs_in_the_load_generator_while_a_scenario_measures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[bool] = []
+
+    async def noting(host: str, port: int, request: bytes, deadline_ns: int) -> Recording:
+        seen.append(gc.isenabled())
+        return Recording(started_ns=time.monotonic_ns(), eof=True)
+
+    monkeypatch.setattr(loadgen, "fetch_stream", noting)
+    assert gc.isenabled()
+    scenario = Scenario("tiny", streams=3, requests=1, tokens=1, interval_us=1000, deadline_s=DEADLOCK_GUARD_S)
+    await run_scenario("127.0.0.1", 9, scenario)
+    assert seen == [False, False, False]
+    assert gc.isenabled()
 
 
 async def test_load_generator_counts_a_stream_cut_by_the_server_as_incomplete() -> None:

@@ -5,6 +5,7 @@ through the front wherever a request qualifies)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -296,3 +297,24 @@ async def test_a_post_without_a_body_reaches_the_engine_with_one_content_length(
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n")
     assert parse_response(await read_answer(reader), "POST").status == 200
     assert fake.seen[0].headers["content-length"] == ["0"]  # not the client's beside the gateway's
+
+
+async def test_a_closed_connection_is_freed_without_a_garbage_collection(fake: FakeUpstream, gateway: Server) -> None:
+    """Nothing of a finished connection waits for the cycle collector (whose full passes stall every stream), and
+    the engine connection it used, back in the pool, keeps nothing of it."""
+    assert gateway.front is not None
+    gc.collect()
+    gc.disable()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(post_bytes())
+        assert parse_response(await read_answer(reader), "POST").status == 200
+        writer.close()
+        for _ in range(10_000):  # until the gateway's loop has seen the close (a few iterations)
+            if not gateway.front.connections:
+                break
+            await asyncio.sleep(0)
+        assert not gateway.front.connections
+        assert not [o for o in gc.get_objects() if isinstance(o, front.ClientConnection)]
+    finally:
+        gc.enable()
