@@ -48,3 +48,8 @@ bench-instructions: bench-deps
 .PHONY: bench-request-cost
 bench-request-cost: bench-deps
 	$(PY) -m flushgate.bench.request_cost --out $(BENCH_OUT)/request-cost.json
+
+# The stress scenario's TTFT on a proxy's first burst (engine connections not yet open) and on the next one.
+.PHONY: bench-first-burst
+bench-first-burst: bench-deps
+	$(PY) -m flushgate.bench.first_burst --out $(BENCH_OUT)/first-burst.json
