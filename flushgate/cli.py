@@ -191,9 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--own-server",
         action=argparse.BooleanOptionalAction,
         default=_env("OWN_SERVER", True, _bool),
-        help="answer the OpenAI pass-through's plain POST requests on the gateway's own HTTP/1.1 protocol, which "
-        "costs less CPU per request than aiohttp's server; --no-own-server: aiohttp's server takes every request "
-        "(FLUSHGATE_OWN_SERVER)",
+        help="answer the OpenAI pass-through's plain POST requests and GET /v1/models on the gateway's own HTTP/1.1 "
+        "protocol, which costs less CPU per request than aiohttp's server; --no-own-server: aiohttp's server takes "
+        "every request (FLUSHGATE_OWN_SERVER)",
     )
     serve.add_argument(
         "--timing-summary",

@@ -29,6 +29,7 @@ from flushgate.proxy.app import build_app
 from flushgate.proxy.discovery import DnsDiscovery, DnsTarget, SrvLookup, dnspython_srv
 from flushgate.proxy.front import Front
 from flushgate.proxy.health_checks import HealthChecker
+from flushgate.proxy.model_aliases import MODEL_REGISTRY
 from flushgate.proxy.ollama.settings import OllamaSettings, parse_thinking_aliases
 from flushgate.proxy.pool import Ejection, EnginePool
 from flushgate.proxy.router import Router, RoutingPolicy
@@ -221,6 +222,7 @@ class Server:
         self.front = Front(
             self.gateway,
             self._runner.app[GUARDS],
+            self._runner.app[MODEL_REGISTRY],
             aiohttp_server,
             max_header_bytes=limits.max_header_bytes,
             max_headers=limits.max_headers,

@@ -9,7 +9,7 @@ from flushgate.config import Access, Limits
 from flushgate.proxy.chat_page import add_page_assets, chat_root
 from flushgate.proxy.errors import error_response
 from flushgate.proxy.health import healthz, readyz
-from flushgate.proxy.model_aliases import add_model_aliases
+from flushgate.proxy.model_aliases import MODEL_REGISTRY, add_model_aliases
 from flushgate.proxy.ollama.api import add_ollama_routes
 from flushgate.proxy.ollama.models import ModelRegistry
 from flushgate.proxy.passthrough import forward
@@ -43,6 +43,7 @@ def build_app(gateway: Gateway, access: Access | None = None, limits: Limits | N
     router.add_get("/readyz", readyz)
     router.add_get("/metrics", metrics)
     registry = ModelRegistry(gateway)
+    app[MODEL_REGISTRY] = registry
     add_model_aliases(router, registry)  # before the /v1 pass-through, which takes everything else
     for path in PASSTHROUGH_PATHS:
         router.add_route("*", path, forward)

@@ -6,7 +6,8 @@ handler runs; here llhttp (``httptools``) parses the head in the read callback a
 (proxy/passthrough.py, the same code aiohttp's route runs) starts at once.
 
 Taken here: a whole ``POST`` to a forwarded route, with a ``Content-Length`` body of at most ``BODY_CAP`` bytes,
-that passes the gateway's guards as they stand (API key, route allowlist, body size, concurrency cap). Anything
+and ``GET /v1/models`` (clients list the models first, often on the connection they then chat on), when they
+pass the gateway's guards as they stand (API key, route allowlist, body size, concurrency cap). Anything
 else, from a browser's CORS request or an ``Expect`` header to a malformed head, is handed to aiohttp with the
 bytes read so far, and that connection is aiohttp's from then on: one server answers each request in full, with
 every rule it has.
@@ -29,7 +30,8 @@ from flushgate.proxy import body as outgoing_body
 from flushgate.proxy.auth import bearer_token
 from flushgate.proxy.cors import CorsPolicy
 from flushgate.proxy.errors import error_response
-from flushgate.proxy.model_aliases import names_alias
+from flushgate.proxy.model_aliases import list_models, names_alias
+from flushgate.proxy.ollama.models import ModelRegistry
 from flushgate.proxy.passthrough import MODEL_FIELD, exchange
 from flushgate.proxy.security import Guards
 from flushgate.proxy.state import Gateway
@@ -57,6 +59,7 @@ class Front:
         self,
         gateway: Gateway,
         guards: Guards,
+        models: ModelRegistry,
         aiohttp_server: Callable[[], asyncio.Protocol],
         *,
         max_header_bytes: int,
@@ -65,6 +68,7 @@ class Front:
     ) -> None:
         self.gateway = gateway
         self.guards = guards
+        self.models = models
         self.aiohttp_server = aiohttp_server
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
@@ -88,17 +92,23 @@ class FrontRequest:
                  "opened", "path", "remote", "target")  # fmt: skip
 
     def __init__(
-        self, conn: ClientConnection, cors: CorsPolicy, target: str, headers: CIMultiDict[str], body: bytes
+        self,
+        conn: ClientConnection,
+        cors: CorsPolicy,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: bytes,
     ) -> None:
         self._conn = conn
         self._cors = cors
-        self.method = "POST"
+        self.method = method
         self.target = target
         self.path = unquote(target.split("?", 1)[0])
         self.headers = headers
         self.remote = conn.remote
         self.body = body
-        self.content_length: int | None = len(body)
+        self.content_length: int | None = len(body) if body else None
         self.body_exists = bool(body)
         self.chunked = False
         self.opened = False
@@ -245,10 +255,12 @@ class ClientConnection(asyncio.Protocol):
         """Whether the head alone allows this request here: the body's own checks come once it is read."""
         parser = self._parser
         assert parser is not None  # a callback of this very parser
-        if parser.get_method() != b"POST" or parser.get_http_version() != "1.1" or parser.should_upgrade():
+        if parser.get_http_version() != "1.1" or parser.should_upgrade():
             return False
+        method = parser.get_method()
         path = bytes(self._url).split(b"?", 1)[0]
-        if not (path.startswith(b"/v1/") or path in FORWARDED_PATHS):
+        listing = method == b"GET" and path == b"/v1/models"
+        if not listing and not (method == b"POST" and (path.startswith(b"/v1/") or path in FORWARDED_PATHS)):
             return False
         declared = -1
         for name, value in self._headers:
@@ -257,6 +269,8 @@ class ClientConnection(asyncio.Protocol):
                 return False
             if lowered == b"content-length":
                 declared = int(value) if value.isdigit() else -1
+        if listing:
+            return declared in (-1, 0)
         # A body read here whole can be sent again to another engine: no larger than one read ahead for that.
         limit = min(BODY_CAP, outgoing_body.READ_AHEAD_CAP, self._front.guards.max_body_bytes or BODY_CAP)
         return 0 < declared <= limit
@@ -289,7 +303,8 @@ class ClientConnection(asyncio.Protocol):
             admission.active += 1
         assert self._parser is not None
         self.keep_alive = self._parser.should_keep_alive()
-        request = FrontRequest(self, guards.cors, target, headers, body)
+        method = "GET" if self._parser.get_method() == b"GET" else "POST"
+        request = FrontRequest(self, guards.cors, method, target, headers, body)
         started = self._started
         del self._raw[:]
         self._reset()
@@ -310,7 +325,10 @@ class ClientConnection(asyncio.Protocol):
         front = self._front
         finished = False
         try:
-            answer = await exchange(request, front.gateway, request.body, started, body_done)
+            if request.method == "GET":  # GET /v1/models, the aliases added as aiohttp's route does
+                answer = await list_models(request, front.gateway, front.models)
+            else:
+                answer = await exchange(request, front.gateway, request.body, started, body_done)
             if answer is not None:
                 self._reply(answer)
             elif request.opened and not request.cut_off and request.chunked:

@@ -14,20 +14,27 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from flushgate.proxy.client_side import AiohttpClient, ClientSide
 from flushgate.proxy.ollama.errors import OllamaError
 from flushgate.proxy.ollama.models import ModelRegistry
-from flushgate.proxy.passthrough import MODEL_FIELD, forward
-from flushgate.proxy.state import GATEWAY
+from flushgate.proxy.passthrough import MODEL_FIELD, exchange, forward
+from flushgate.proxy.state import GATEWAY, Gateway
 from flushgate.timings import now
 
 ALIAS_BODY_LIMIT = 8 << 20  # a chat body this large is forwarded as it comes, unread
+MODEL_REGISTRY = web.AppKey("model_registry", ModelRegistry)  # for the hot route's own server (proxy/front.py)
 
 
 def add_model_aliases(router: web.UrlDispatcher, registry: ModelRegistry) -> None:
     """Register before the ``/v1`` pass-through route."""
 
     async def models(request: web.Request) -> web.StreamResponse:
-        return await _models_with_aliases(request, registry)
+        client = AiohttpClient(request)
+        answer = await list_models(client, request.app[GATEWAY], registry)
+        if answer is not None:
+            return answer
+        assert client.response is not None
+        return client.response
 
     async def chat(request: web.Request) -> web.StreamResponse:
         return await _chat_with_alias(request, registry)
@@ -47,11 +54,12 @@ async def _alias_names(registry: ModelRegistry) -> dict[str, tuple[str, bool]]:
     return {n.name: (n.model.id, n.thinking) for n in names if n.thinking is not None}
 
 
-async def _models_with_aliases(request: web.Request, registry: ModelRegistry) -> web.StreamResponse:
+async def list_models(client: ClientSide, gateway: Gateway, registry: ModelRegistry) -> web.Response | None:
+    """``GET /v1/models`` with the aliases added: the response to send, or None once it was relayed to
+    ``client`` unchanged (no alias configured or known)."""
     aliases = await _alias_names(registry)
     if not aliases:
-        return await forward(request)
-    gateway = request.app[GATEWAY]
+        return await exchange(client, gateway, None)
     async with gateway.session.get(gateway.backend.base_url + "/v1/models") as upstream:
         raw = await upstream.read()
         if upstream.status != 200:

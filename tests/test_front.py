@@ -16,7 +16,16 @@ from aiohttp import web
 from flushgate.config import Access, Config, Limits, Timeouts
 from flushgate.proxy import front
 from flushgate.server import Server
-from tests.fakes import DONE_EVENT, FakeUpstream, chat_event, record_and_echo, start_stream, stream_hello
+from tests.fakes import (
+    DONE_EVENT,
+    FakeModel,
+    FakeUpstream,
+    ScriptedEngine,
+    chat_event,
+    record_and_echo,
+    start_stream,
+    stream_hello,
+)
 from tests.raw_http import parse_response
 
 GUARD_S = 10
@@ -85,7 +94,8 @@ async def test_plain_posts_on_one_connection_are_answered_by_the_front_byte_for_
 @pytest.mark.parametrize(
     ("name", "raw"),
     [
-        ("GET", b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n"),
+        ("GET", b"GET /v1/completions HTTP/1.1\r\nHost: gw\r\n\r\n"),
+        ("health", b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"),
         ("CORS", post_bytes(extra="Origin: http://ui.example\r\n")),
         ("Expect", post_bytes(extra="Expect: 100-continue\r\n")),
         ("HTTP/1.0", post_bytes(version="1.0")),
@@ -318,3 +328,45 @@ async def test_a_closed_connection_is_freed_without_a_garbage_collection(fake: F
         assert not [o for o in gc.get_objects() if isinstance(o, front.ClientConnection)]
     finally:
         gc.enable()
+
+
+async def test_listing_the_models_then_chatting_on_the_same_connection_stays_on_the_front(
+    fake: FakeUpstream, gateway: Server, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+) -> None:
+    engine = ScriptedEngine(models=[FakeModel("qwen3", thinking=True), FakeModel("plain")])
+    fake.handler = engine
+    reader, writer = connection
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n")
+    listing = parse_response(await read_answer(reader))
+    assert listing.status == 200
+    assert [card["id"] for card in orjson.loads(listing.body)["data"]] == [
+        "qwen3",
+        "plain",
+        "qwen3:think",
+        "qwen3:nothink",
+    ]
+    writer.write(
+        post_bytes(body=b'{"model": "plain", "messages": [{"role": "user", "content": "hi"}], "stream": true}')
+    )
+    assert parse_response(await read_answer(reader), "POST").status == 200
+    assert [g.body["model"] for g in engine.generations] == ["plain"]
+    assert stats(gateway) == (2, 0)
+
+
+async def test_without_aliases_the_model_list_is_the_engines_own_bytes(fake: FakeUpstream) -> None:
+    async def listing(request: web.Request) -> web.Response:
+        return web.Response(body=b'{"object": "list", "data": [{"id": "m"}]}', content_type="application/json")
+
+    fake.handler = listing
+    server = Server(Config(upstream=fake.url, port=0, thinking_aliases=""))
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n")
+        answer = parse_response(await read_answer(reader))
+        writer.close()
+    finally:
+        await server.stop()
+    assert answer.body == b'{"object": "list", "data": [{"id": "m"}]}'
+    assert "x-request-id" in answer.headers  # through the pass-through
+    assert stats(server) == (1, 0)
