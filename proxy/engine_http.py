@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict
 
+from flushgate.proxy.headers import message_head
 from flushgate.timings import RequestTimings, now
 
 Sink = Callable[[bytes], None]  # takes the body bytes of one read; must not block
@@ -400,10 +401,5 @@ class EngineConnections:
 
 
 def request_head(method: str, target: str, host: str, headers: CIMultiDict[str], framing: bytes) -> bytes:
-    """The request line and headers, as the client's bytes were (surrogateescape undoes aiohttp's decoding)."""
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("utf-8", "surrogateescape")]
-    for name, value in headers.items():
-        lines.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
-    lines.append(framing)
-    lines.append(b"\r\n")
-    return b"".join(lines)
+    """The request line and headers, as the client's bytes were."""
+    return message_head(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n", headers, framing)

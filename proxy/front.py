@@ -30,6 +30,7 @@ from flushgate.proxy import body as outgoing_body
 from flushgate.proxy.auth import bearer_token
 from flushgate.proxy.cors import CorsPolicy
 from flushgate.proxy.errors import error_response
+from flushgate.proxy.headers import message_head
 from flushgate.proxy.model_aliases import list_models, names_alias
 from flushgate.proxy.ollama.models import ModelRegistry
 from flushgate.proxy.passthrough import MODEL_FIELD, exchange
@@ -41,7 +42,7 @@ BODY_CAP = 1 << 20  # larger bodies go to aiohttp's server, which streams them o
 FORWARDED_PATHS = frozenset({b"/tokenize", b"/detokenize"})  # and every path under /v1/ (proxy/app.py)
 _NO_BODY = frozenset({204, 304})
 # Request headers that need a rule of aiohttp's server (or the CORS guard's) to be answered right.
-_HANDED_OVER_HEADERS = frozenset({"origin", "expect", "transfer-encoding", "upgrade"})
+_HANDED_OVER_HEADERS = frozenset({b"origin", b"expect", b"transfer-encoding", b"upgrade"})
 
 
 @dataclass(slots=True)
@@ -265,7 +266,7 @@ class ClientConnection(asyncio.Protocol):
         declared = -1
         for name, value in self._headers:
             lowered = name.lower()
-            if lowered.decode("latin-1") in _HANDED_OVER_HEADERS:
+            if lowered in _HANDED_OVER_HEADERS:
                 return False
             if lowered == b"content-length":
                 declared = int(value) if value.isdigit() else -1
@@ -422,7 +423,4 @@ def _head(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:
             reason = HTTPStatus(status).phrase
         except ValueError:
             reason = ""
-    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
-    lines.append("\r\n")
-    return "".join(lines).encode("utf-8", "surrogateescape")
+    return message_head(f"HTTP/1.1 {status} {reason}\r\n", headers)

@@ -59,6 +59,13 @@ def upstream_request_headers(incoming: MultiMapping[str], request_id: str, clien
     return out
 
 
+def message_head(start_line: str, headers: MultiMapping[str], framing: bytes = b"") -> bytes:
+    """An HTTP/1.1 head: ``start_line`` (CRLF-ended), the headers, the gateway's own framing lines, the blank line.
+    Text goes back to the bytes it was read from (surrogateescape undoes the UTF-8 decoding of header values)."""
+    lines = [start_line, *(f"{name}: {value}\r\n" for name, value in headers.items())]
+    return "".join(lines).encode("utf-8", "surrogateescape") + framing + b"\r\n"
+
+
 def stream_kind(content_type: str | None) -> StreamKind | None:
     if not content_type:
         return None
