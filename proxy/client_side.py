@@ -85,6 +85,13 @@ class AiohttpClient:
     def body_chunks(self) -> AsyncIterator[bytes]:
         return self.request.content.iter_any()
 
+    def handler_result(self, answer: web.Response | None) -> web.StreamResponse:
+        """What the aiohttp handler returns: the response to send, or the one already streamed (None)."""
+        if answer is not None:
+            return answer
+        assert self.response is not None
+        return self.response
+
     async def open(self, status: int, reason: str, headers: CIMultiDict[str]) -> tuple[asyncio.Transport, Any, bool]:
         response = self.response = web.StreamResponse(status=status, reason=reason or None, headers=headers)
         writer = self._writer = await response.prepare(self.request)

@@ -174,6 +174,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_done = False
         self._complete = False
         self._hand_over_now = False
+        self._method = "POST"  # or GET, as the head said (a head the front does not take is handed over)
         self._started = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------------
@@ -263,6 +264,7 @@ class ClientConnection(asyncio.Protocol):
         listing = method == b"GET" and path == b"/v1/models"
         if not listing and not (method == b"POST" and (path.startswith(b"/v1/") or path in FORWARDED_PATHS)):
             return False
+        self._method = "GET" if listing else "POST"
         declared = -1
         for name, value in self._headers:
             lowered = name.lower()
@@ -304,8 +306,7 @@ class ClientConnection(asyncio.Protocol):
             admission.active += 1
         assert self._parser is not None
         self.keep_alive = self._parser.should_keep_alive()
-        method = "GET" if self._parser.get_method() == b"GET" else "POST"
-        request = FrontRequest(self, guards.cors, method, target, headers, body)
+        request = FrontRequest(self, guards.cors, self._method, target, headers, body)
         started = self._started
         del self._raw[:]
         self._reset()

@@ -30,11 +30,7 @@ def add_model_aliases(router: web.UrlDispatcher, registry: ModelRegistry) -> Non
 
     async def models(request: web.Request) -> web.StreamResponse:
         client = AiohttpClient(request)
-        answer = await list_models(client, request.app[GATEWAY], registry)
-        if answer is not None:
-            return answer
-        assert client.response is not None
-        return client.response
+        return client.handler_result(await list_models(client, request.app[GATEWAY], registry))
 
     async def chat(request: web.Request) -> web.StreamResponse:
         return await _chat_with_alias(request, registry)

@@ -62,11 +62,7 @@ async def forward(
     """Forward ``request``. A caller that already read the client's body passes it as ``body`` (possibly
     rewritten), with when the request arrived (``received``) and when its body was read (``body_done``)."""
     client = AiohttpClient(request)
-    answer = await exchange(client, request.app[GATEWAY], body, received, body_done)
-    if answer is not None:
-        return answer
-    assert client.response is not None
-    return client.response
+    return client.handler_result(await exchange(client, request.app[GATEWAY], body, received, body_done))
 
 
 async def exchange(
