@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 from flushgate.bench.loadgen import ScenarioRun, run_scenario
 from flushgate.bench.runner import SCENARIOS, STRESS, WARM_UP, _run, machine
 from flushgate.bench.stats import percentile
-from flushgate.bench.targets import HOST, Target, start_engine, start_flushgate, start_nginx
+from flushgate.bench.targets import HOST, Target, pin_load_side, start_engine, start_flushgate, start_nginx
 
 
 def ttft_p50_ms(run: ScenarioRun) -> float:
@@ -36,10 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     args = parser.parse_args(argv)
     stress = {s.name: s for s in SCENARIOS}[STRESS]
-    cores = os.cpu_count() or 1
-    load_cpu, proxy_cpu = (0, 1) if cores >= 2 else (None, None)
-    if load_cpu is not None:
-        os.sched_setaffinity(0, {load_cpu})
+    load_cpu, proxy_cpu = pin_load_side()
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="flushgate-first-burst-") as tmp:
         workdir = Path(tmp)

@@ -9,7 +9,6 @@ flamegraph viewer) and prints the innermost frames with the most samples.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from flushgate.bench.loadgen import run_scenario
 from flushgate.bench.runner import SCENARIOS, _run
-from flushgate.bench.targets import HOST, start_engine, start_flushgate
+from flushgate.bench.targets import HOST, pin_load_side, start_engine, start_flushgate
 
 
 def top_frames(collapsed: str, count: int, *, inclusive: bool = False) -> list[tuple[float, str]]:
@@ -50,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("artifacts/profile"))
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    cores = os.cpu_count() or 1
-    load_cpu, proxy_cpu = (0, 1) if cores >= 2 else (None, None)
-    if load_cpu is not None:
-        os.sched_setaffinity(0, {load_cpu})
+    load_cpu, proxy_cpu = pin_load_side()
     args.out.mkdir(parents=True, exist_ok=True)
     raw = args.out / f"flushgate-{args.scenario}.txt"
     with tempfile.TemporaryDirectory(prefix="flushgate-profile-") as tmp:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 from flushgate.bench.loadgen import Scenario, fetch_stream
 from flushgate.bench.procstat import tree_cpu_seconds
 from flushgate.bench.runner import _run, machine
-from flushgate.bench.targets import HOST, Target, start_engine, start_flushgate, start_nginx
+from flushgate.bench.targets import HOST, Target, pin_load_side, start_engine, start_flushgate, start_nginx
 
 ONE_TOKEN = Scenario("one-token", streams=1, requests=1, tokens=1, interval_us=1000, deadline_s=30)
 
@@ -68,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
     parser.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     args = parser.parse_args(argv)
-    cores = os.cpu_count() or 1
-    load_cpu, proxy_cpu = (0, 1) if cores >= 2 else (None, None)
-    if load_cpu is not None:
-        os.sched_setaffinity(0, {load_cpu})
+    load_cpu, proxy_cpu = pin_load_side()
     results: dict[str, list[dict[str, float | int]]] = {}
     with tempfile.TemporaryDirectory(prefix="flushgate-request-cost-") as tmp:
         workdir = Path(tmp)

@@ -38,6 +38,15 @@ def free_port() -> int:
 Cpus = int | str | None  # one core, a taskset list such as "1-4", or None: wherever the scheduler likes
 
 
+def pin_load_side() -> tuple[int | None, int | None]:
+    """With two cores or more: this process (the load generator) and the engine on CPU 0, the proxy on CPU 1, as
+    the benchmark pins them. Returns (load and engine CPU, proxy CPU); None, None on one core."""
+    if (os.cpu_count() or 1) < 2:
+        return None, None
+    os.sched_setaffinity(0, {0})
+    return 0, 1
+
+
 def pinned(command: Sequence[str], cpu: Cpus) -> list[str]:
     """The command run on its cores with taskset, or as it is where there is no core to spare."""
     taskset = shutil.which("taskset")
