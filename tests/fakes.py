@@ -91,6 +91,19 @@ async def start_stream(request: web.Request, content_type: str = "text/event-str
     return response
 
 
+def held_stream(release: asyncio.Event, before: bytes, after: bytes) -> Handler:
+    """An engine answer that sends ``before``, waits for ``release``, then sends ``after``."""
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        response = await start_stream(request)
+        await response.write(before)
+        await release.wait()
+        await response.write(after)
+        return response
+
+    return held
+
+
 def chat_event(
     content: str | None = None,
     *,

@@ -22,6 +22,7 @@ from tests.fakes import (
     FakeUpstream,
     ScriptedEngine,
     chat_event,
+    held_stream,
     record_and_echo,
     start_stream,
     stream_hello,
@@ -228,15 +229,7 @@ async def test_the_concurrency_cap_counts_the_fronts_requests_and_frees_them(
     fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
     release = asyncio.Event()
-
-    async def held(request: web.Request) -> web.StreamResponse:
-        response = await start_stream(request)
-        await response.write(chat_event("held"))
-        await release.wait()
-        await response.write(DONE_EVENT)
-        return response
-
-    fake.handler = held
+    fake.handler = held_stream(release, chat_event("held"), DONE_EVENT)
     server = Server(Config(upstream=fake.url, port=0, limits=Limits(max_concurrent=1)))
     await server.start()
     url = f"http://127.0.0.1:{server.port}{CHAT}"

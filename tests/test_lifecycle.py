@@ -16,7 +16,7 @@ from aiohttp import web
 from flushgate.cli import build_parser, config_from_args, main
 from flushgate.config import Config, ConfigError, Timeouts
 from flushgate.server import Server
-from tests.fakes import FakeUpstream, sse_chunk, start_stream
+from tests.fakes import FakeUpstream, held_stream, sse_chunk
 
 GUARD_S = 15
 
@@ -56,15 +56,7 @@ async def test_drain_lets_inflight_streams_finish_and_refuses_new_requests(
     fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
     release = asyncio.Event()
-
-    async def stream(request: web.Request) -> web.StreamResponse:
-        response = await start_stream(request)
-        await response.write(sse_chunk("before"))
-        await release.wait()
-        await response.write(sse_chunk("after"))
-        return response
-
-    fake.handler = stream
+    fake.handler = held_stream(release, sse_chunk("before"), sse_chunk("after"))
     server = Server(Config(upstream=fake.url, port=0, timeouts=Timeouts(drain=GUARD_S)))
     await server.start()
     base = f"http://127.0.0.1:{server.port}"
