@@ -354,14 +354,14 @@ def _add_access_and_limit_flags(serve: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         default=_env("MAX_HEADER_BYTES", limits.max_header_bytes, int),
-        help="longest request line or header line; longer ones get 400 (FLUSHGATE_MAX_HEADER_BYTES)",
+        help="longest request target or header line; longer ones get 414 or 431 (FLUSHGATE_MAX_HEADER_BYTES)",
     )
     bounds.add_argument(
         "--max-headers",
         type=int,
         metavar="N",
         default=_env("MAX_HEADERS", limits.max_headers, int),
-        help="most header lines in a request; more get 400 (FLUSHGATE_MAX_HEADERS)",
+        help="most header lines in a request; more get 431 (FLUSHGATE_MAX_HEADERS)",
     )
     bounds.add_argument(
         "--header-timeout",

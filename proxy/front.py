@@ -10,7 +10,8 @@ and ``GET /v1/models`` (clients list the models first, often on the connection t
 pass the gateway's guards as they stand (API key, route allowlist, body size, concurrency cap). Anything
 else, from a browser's CORS request or an ``Expect`` header to a malformed head, is handed to aiohttp with the
 bytes read so far, and that connection is aiohttp's from then on: one server answers each request in full, with
-every rule it has.
+every rule it has. A head over the size limits is the exception: the front reads heads, so it refuses them
+itself, in the JSON shape of the API the path belongs to (431, or 414 for the request target).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from flushgate.proxy.headers import message_head
 from flushgate.proxy.model_aliases import list_models, names_alias
 from flushgate.proxy.ollama.models import ModelRegistry
 from flushgate.proxy.passthrough import MODEL_FIELD, exchange
+from flushgate.proxy.refusal import refusal_body
 from flushgate.proxy.security import Guards
 from flushgate.proxy.state import Gateway
 from flushgate.timings import now
@@ -164,6 +166,7 @@ class ClientConnection(asyncio.Protocol):
         self._raw = bytearray()  # every byte of the request being read (or read past the one being answered)
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._refused = False  # a head over the limits was answered: what the client still sends is dropped
         self._reset()
 
     def _reset(self) -> None:
@@ -176,6 +179,7 @@ class ClientConnection(asyncio.Protocol):
         self._hand_over_now = False
         self._method = "POST"  # or GET, as the head said (a head the front does not take is handed over)
         self._started = 0.0
+        self._over_limit: tuple[int, str, str] | None = None  # status, message, code
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------------
 
@@ -187,6 +191,8 @@ class ClientConnection(asyncio.Protocol):
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         self._raw += data
         if self._task is not None:  # the client sent on before its answer ended: aiohttp takes it from there
             if len(self._raw) > BODY_CAP and self.transport is not None:
@@ -198,9 +204,14 @@ class ClientConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:  # malformed, an upgrade, or a second request: aiohttp's to answer
-            self._hand_over()
-            return
-        if self._hand_over_now or (not self._head_done and len(self._raw) > self._front.max_header_bytes):
+            if self._over_limit is None:
+                self._hand_over()
+                return
+        if self._over_limit is None and not self._head_done and len(self._raw) > self._front.max_header_bytes:
+            self._check_lines()
+        if self._over_limit is not None:
+            self._refuse_head(*self._over_limit)
+        elif self._hand_over_now:
             self._hand_over()
         elif self._complete:
             self._begin()
@@ -230,13 +241,20 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self._front.max_header_bytes:
-            self._hand_over_now = True
+        limit = self._front.max_header_bytes
+        if len(self._url) > limit and self._over_limit is None:
+            self._over_limit = (414, f"the request target is over {limit} bytes", "request_target_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
-        if len(name) + len(value) > self._front.max_header_bytes or len(self._headers) > self._front.max_headers:
-            self._hand_over_now = True
+        if self._over_limit is not None:
+            return
+        front = self._front
+        if len(name) + len(value) > front.max_header_bytes:
+            message = f"a request header is over {front.max_header_bytes} bytes"
+            self._over_limit = (431, message, "request_header_too_large")
+        elif len(self._headers) > front.max_headers:
+            self._over_limit = (431, f"the request has over {front.max_headers} headers", "too_many_request_headers")
 
     def on_headers_complete(self) -> None:
         self._head_done = True
@@ -380,6 +398,34 @@ class ClientConnection(asyncio.Protocol):
             await self._drained
             if transport.is_closing():
                 raise ConnectionResetError("the client's connection is closed")
+
+    def _check_lines(self) -> None:
+        """llhttp reports a header only once the next one begins: a line read may already be over the limit."""
+        limit = self._front.max_header_bytes
+        lines = self._raw.split(b"\n")
+        if len(lines[0]) > limit + 1:
+            self._over_limit = (414, f"the request target is over {limit} bytes", "request_target_too_long")
+        elif any(len(line) > limit + 1 for line in lines[1:]):
+            self._over_limit = (431, f"a request header is over {limit} bytes", "request_header_too_large")
+
+    def _refuse_head(self, status: int, message: str, code: str) -> None:
+        """Answer a head over the limits and close as nginx does: our side first, then what still arrives is
+        read and dropped until the client closes or the header timeout ends it, so no reset destroys the answer."""
+        transport = self.transport
+        assert transport is not None
+        self._refused = True
+        self.keep_alive = False
+        self._parser = None
+        self._raw = bytearray()
+        path = bytes(self._url).split(b"?", 1)[0].decode("latin-1")
+        self._front.gateway.log.info("refused", status=status, code=code, path=path[:256], remote=self.remote)
+        body = refusal_body(path, message, code=code)
+        self._reply(web.Response(status=status, body=body, content_type="application/json"))
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+        self._arm_timer()
 
     def _hand_over(self) -> None:
         """From here on this connection is aiohttp's, starting with every byte of the request not answered."""

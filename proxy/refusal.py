@@ -11,12 +11,19 @@ from collections.abc import Mapping
 import orjson
 from aiohttp import web
 
-from flushgate.proxy.errors import error_response
+from flushgate.proxy.errors import error_payload
 from flushgate.proxy.state import GATEWAY
 
 
 def is_ollama_path(path: str) -> bool:
     return path == "/api" or path.startswith("/api/")
+
+
+def refusal_body(path: str, message: str, *, code: str, type_: str = "invalid_request_error") -> bytes:
+    """The JSON body of a refusal on ``path``: Ollama's shape on its routes, OpenAI's everywhere else."""
+    if is_ollama_path(path):
+        return orjson.dumps({"error": message})
+    return orjson.dumps(error_payload(message, type_, code))
 
 
 def refuse(
@@ -32,8 +39,5 @@ def refuse(
     request.app[GATEWAY].log.info(
         "refused", status=status, code=code, method=request.method, path=request.path, remote=request.remote
     )
-    if is_ollama_path(request.path):
-        return web.Response(
-            status=status, body=orjson.dumps({"error": message}), content_type="application/json", headers=headers
-        )
-    return error_response(status, message, type_=type_, code=code, headers=headers)
+    body = refusal_body(request.path, message, code=code, type_=type_)
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)

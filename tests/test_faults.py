@@ -146,8 +146,8 @@ MALFORMED_FOR_OLLAMA = {
     "not an object": [b"data: [1, 2]\n\n", DONE_EVENT],
     "cut inside an event": [b'data: {"choices": [{"delta": {"content": "par'],
 }
-# Well-formed JSON of the wrong shape: the translation fails after the stream has started, and its error answer
-# is written into the open stream, which breaks the HTTP framing for the client.
+# Well-formed JSON of the wrong shape: the translation fails after the stream has started; the stream must still
+# end with an error line in intact HTTP framing.
 WRONG_SHAPE_FOR_OLLAMA = {
     "choices not a list": [b'data: {"choices": "x"}\n\n', DONE_EVENT],
     "a choice not an object": [b'data: {"choices": [1]}\n\n', DONE_EVENT],

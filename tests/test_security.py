@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 
@@ -288,7 +289,9 @@ async def test_a_body_declared_over_the_limit_gets_413_before_the_engine_sees_it
     assert len(fake.seen) == 1
 
 
-async def test_overlong_or_too_many_headers_are_refused_before_any_handler(fake: FakeUpstream) -> None:
+async def test_overlong_or_too_many_headers_are_refused_in_the_apis_shape_before_any_handler(
+    fake: FakeUpstream,
+) -> None:
     limits = Limits(max_header_bytes=1024, max_headers=20)
     server = Server(Config(upstream=fake.url, port=0, limits=limits))
     await server.start()
@@ -296,12 +299,54 @@ async def test_overlong_or_too_many_headers_are_refused_before_any_handler(fake:
         fits = [("X-Pad", "a" * 900)] + [(f"X-H{i}", "v") for i in range(15)]
         assert (await exchange(server.port, request_bytes("GET", "/version", fits))).status == 200
         too_long = await exchange(server.port, request_bytes("GET", "/version", [("X-Pad", "a" * 1100)]))
-        too_many = await exchange(server.port, request_bytes("GET", "/version", [(f"X-H{i}", "v") for i in range(30)]))
-        long_target = await exchange(server.port, request_bytes("GET", "/version?q=" + "a" * 1100))
+        too_many = await exchange(
+            server.port, request_bytes("POST", "/v1/chat/completions", [(f"X-H{i}", "v") for i in range(30)])
+        )
+        long_target = await exchange(server.port, request_bytes("GET", "/v1/models?q=" + "a" * 1100))
+        ollama = await exchange(server.port, request_bytes("POST", "/api/chat", [("X-Pad", "a" * 1100)]))
     finally:
         await server.stop()
-    assert [too_long.status, too_many.status, long_target.status] == [400, 400, 400]
+    assert [too_long.status, too_many.status, long_target.status, ollama.status] == [431, 431, 414, 431]
+    for answer, code in ((too_long, "request_header_too_large"), (too_many, "too_many_request_headers")):
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.headers["connection"] == "close"
+        assert openai_error(answer.json())["code"] == code
+    assert openai_error(long_target.json())["code"] == "request_target_too_long"
+    assert ollama.json() == {"error": "a request header is over 1024 bytes"}
     assert len(fake.seen) == 1
+
+
+async def test_a_refused_head_is_answered_even_while_the_client_still_sends(fake: FakeUpstream) -> None:
+    """The answer comes before the client has sent its whole head; closing at once with unread bytes would
+    reset the connection and could destroy the answer on its way, so the gateway half-closes and reads on."""
+    server = Server(Config(upstream=fake.url, port=0, limits=Limits(max_header_bytes=1024, max_headers=20)))
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 2000 + b"\r\n")
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), GUARD_S)
+        assert answer.startswith(b"HTTP/1.1 431 ")
+        writer.write(b"X-More: " + b"b" * 100_000 + b"\r\n\r\n")  # the client sends on after the answer
+        await writer.drain()
+        rest = await asyncio.wait_for(reader.read(), GUARD_S)  # the body, then EOF: the gateway's side is closed
+        writer.close()
+    finally:
+        await server.stop()
+    assert openai_error(orjson.loads(rest))["code"] == "request_header_too_large"
+    assert fake.seen == []
+
+
+async def test_without_the_own_server_aiohttps_parser_refuses_overlong_heads(fake: FakeUpstream) -> None:
+    limits = Limits(max_header_bytes=1024, max_headers=20)
+    server = Server(Config(upstream=fake.url, port=0, limits=limits, own_server=False))
+    await server.start()
+    try:
+        too_long = await exchange(server.port, request_bytes("GET", "/version", [("X-Pad", "a" * 1100)]))
+        too_many = await exchange(server.port, request_bytes("GET", "/version", [(f"X-H{i}", "v") for i in range(30)]))
+    finally:
+        await server.stop()
+    assert [too_long.status, too_many.status] == [400, 400]
+    assert fake.seen == []
 
 
 async def test_a_head_sent_slowly_is_cut_off_at_the_header_timeout(fake: FakeUpstream) -> None:
