@@ -372,6 +372,14 @@ def _add_access_and_limit_flags(serve: argparse.ArgumentParser) -> None:
         "answer; then it is closed (against slowloris; also the keep-alive idle time) (FLUSHGATE_HEADER_TIMEOUT)",
     )
     bounds.add_argument(
+        "--body-timeout",
+        type=float,
+        metavar="S",
+        default=_env("BODY_TIMEOUT", limits.body_timeout, float),
+        help="longest pause while a request body arrives; then 408, and the engine's request, if open, is closed "
+        "(FLUSHGATE_BODY_TIMEOUT)",
+    )
+    bounds.add_argument(
         "--max-concurrent",
         type=int,
         metavar="N",
@@ -387,6 +395,7 @@ def _limits_from_args(args: argparse.Namespace) -> Limits:
         max_header_bytes=args.max_header_bytes,
         max_headers=args.max_headers,
         header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
         max_concurrent=args.max_concurrent,
     )
 

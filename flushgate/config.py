@@ -49,6 +49,7 @@ class Limits:
     max_header_bytes: int = 8190  # the request line and each header line (aiohttp's own default)
     max_headers: int = 128
     header_timeout: float = 30.0  # a request's head must arrive within this (slowloris); also the keep-alive idle
+    body_timeout: float = 60.0  # the longest pause in a streamed request body (nginx's client_body_timeout)
     max_concurrent: int = 0  # requests in flight before new ones get 429; 0: no cap
 
 
@@ -200,6 +201,8 @@ def _validate_limits(limits: Limits) -> None:
         raise ConfigError("--max-headers must be at least 8")
     if limits.header_timeout <= 0:
         raise ConfigError("--header-timeout must be positive")
+    if limits.body_timeout <= 0:
+        raise ConfigError("--body-timeout must be positive")
     if limits.max_concurrent < 0:
         raise ConfigError("--max-concurrent must not be negative (0 disables it)")
 

@@ -151,6 +151,7 @@ class Server:
             timing_summary=config.timing_summary,
             log_content=config.log_content,
             max_body_bytes=config.limits.max_body_bytes,
+            body_timeout=config.limits.body_timeout,
             ollama=OllamaSettings(thinking_aliases=parse_thinking_aliases(config.thinking_aliases)),
         )
         gateway_state.append(self.gateway)
@@ -227,6 +228,7 @@ class Server:
             max_header_bytes=limits.max_header_bytes,
             max_headers=limits.max_headers,
             header_timeout=limits.header_timeout,
+            body_timeout=limits.body_timeout,
         )
         stats = self.front.stats
         self.gateway.recorder.metrics.watch_own_server(lambda: stats.answered, lambda: stats.handed_over)

@@ -7,6 +7,7 @@ time to first token; a body over the cap streams on from where the read stopped,
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 READ_AHEAD_CAP = 8 << 20  # bytes; larger bodies (e.g. several images inline) stream through without a copy
@@ -37,6 +38,21 @@ class OutgoingBody:
         yield self.head
         async for chunk in rest:
             yield chunk
+
+
+class BodyStalled(Exception):
+    """A request body paused for longer than the gateway waits (nginx's client_body_timeout)."""
+
+
+async def next_part(chunks: AsyncIterator[bytes], gap_s: float | None) -> bytes | None:
+    """The body's next part, or None at its end; ``BodyStalled`` when none comes within ``gap_s``."""
+    try:
+        async with asyncio.timeout(gap_s):
+            return await anext(chunks)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError as exc:
+        raise BodyStalled(f"no part of it came for {gap_s:g} s") from exc
 
 
 async def read_ahead(chunks: AsyncIterator[bytes], cap: int | None = None) -> OutgoingBody:

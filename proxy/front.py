@@ -68,6 +68,7 @@ class Front:
         max_header_bytes: int,
         max_headers: int,
         header_timeout: float,
+        body_timeout: float,
     ) -> None:
         self.gateway = gateway
         self.guards = guards
@@ -76,6 +77,7 @@ class Front:
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
         self.connections: set[ClientConnection] = set()
         self.stats = FrontStats()
 
@@ -203,18 +205,23 @@ class ClientConnection(asyncio.Protocol):
         assert self._parser is not None  # dropped only once the connection is gone or handed over
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:  # malformed, an upgrade, or a second request: aiohttp's to answer
-            if self._over_limit is None:
+        except httptools.HttpParserError as exc:  # malformed, an upgrade, or a second request: aiohttp's to answer
+            if self._over_limit is None and self._in_body and not isinstance(exc, httptools.HttpParserUpgrade):
+                # The body's framing broke: aiohttp's parser would drop the request read so far for a bare 400.
+                self._over_limit = (400, f"the request body could not be read: {exc}", "request_body_unreadable")
+            elif self._over_limit is None:
                 self._hand_over()
                 return
         if self._over_limit is None and not self._head_done and len(self._raw) > self._front.max_header_bytes:
             self._check_lines()
         if self._over_limit is not None:
-            self._refuse_head(*self._over_limit)
+            self._refuse(*self._over_limit)
         elif self._hand_over_now:
             self._hand_over()
         elif self._complete:
             self._begin()
+        elif self._head_done:  # the body has begun: it may pause no longer than the body timeout at a time
+            self._arm_timer(self._front.body_timeout, self._on_body_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._parser = None  # it refers back to this protocol: without the cycle, freeing needs no GC pass
@@ -297,6 +304,7 @@ class ClientConnection(asyncio.Protocol):
         return 0 < declared <= limit
 
     def _begin(self) -> None:
+        self._cancel_timer()  # the body's, if it came in several reads
         front = self._front
         guards = front.guards
         body_done = now()
@@ -408,9 +416,14 @@ class ClientConnection(asyncio.Protocol):
         elif any(len(line) > limit + 1 for line in lines[1:]):
             self._over_limit = (431, f"a request header is over {limit} bytes", "request_header_too_large")
 
-    def _refuse_head(self, status: int, message: str, code: str) -> None:
-        """Answer a head over the limits and close as nginx does: our side first, then what still arrives is
-        read and dropped until the client closes or the header timeout ends it, so no reset destroys the answer."""
+    @property
+    def _in_body(self) -> bool:
+        return self._head_done and not self._complete
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        """Answer a request refused while it is read, and close as nginx does: our side first, then what still
+        arrives is read and dropped until the client closes or the header timeout ends it, so no reset destroys
+        the answer."""
         transport = self.transport
         assert transport is not None
         self._refused = True
@@ -448,10 +461,10 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _arm_timer(self) -> None:
+    def _arm_timer(self, delay: float | None = None, then: Callable[[], None] | None = None) -> None:
         """A whole request head must come within the header timeout of opening or of the last answer."""
         self._cancel_timer()
-        self._timer = self._loop.call_later(self._front.header_timeout, self._on_timeout)
+        self._timer = self._loop.call_later(delay or self._front.header_timeout, then or self._on_timeout)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -462,6 +475,14 @@ class ClientConnection(asyncio.Protocol):
         self._timer = None
         if self._task is None:
             self.close()
+
+    def _on_body_timeout(self) -> None:
+        self._timer = None
+        if self._task is None and self._in_body and not self._refused:
+            seconds = self._front.body_timeout
+            self._refuse(
+                408, f"the request body stopped arriving: no part of it came for {seconds:g} s", "request_body_timeout"
+            )
 
 
 def _head(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:

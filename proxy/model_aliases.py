@@ -14,10 +14,12 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from flushgate.proxy.body import BodyStalled, next_part
 from flushgate.proxy.client_side import AiohttpClient, ClientSide
 from flushgate.proxy.ollama.errors import OllamaError
 from flushgate.proxy.ollama.models import ModelRegistry
 from flushgate.proxy.passthrough import MODEL_FIELD, exchange, forward
+from flushgate.proxy.refusal import refuse
 from flushgate.proxy.state import GATEWAY, Gateway
 from flushgate.timings import now
 
@@ -78,7 +80,15 @@ async def _chat_with_alias(request: web.Request, registry: ModelRegistry) -> web
     if not registry.settings.thinking_aliases or size is None or size > ALIAS_BODY_LIMIT:
         return await forward(request)
     received = now()
-    raw = await request.read()
+    parts, chunks = [], request.content.iter_any()
+    try:
+        while (part := await next_part(chunks, request.app[GATEWAY].body_timeout)) is not None:
+            parts.append(part)
+    except BodyStalled as exc:
+        refusal = refuse(request, 408, f"the request body stopped arriving: {exc}", code="request_body_timeout")
+        refusal.force_close()
+        return refusal
+    raw = b"".join(parts)
     body_done = now()
     named = MODEL_FIELD.search(raw)
     name = named.group(1).decode("utf-8", "replace") if named else ""

@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from flushgate.proxy.affinity import affinity_key
-from flushgate.proxy.body import OutgoingBody, read_ahead
+from flushgate.proxy.body import BodyStalled, OutgoingBody, next_part, read_ahead
 from flushgate.proxy.client_side import AiohttpClient, ClientSide
 from flushgate.proxy.engine_http import (
     EngineBroken,
@@ -110,9 +110,11 @@ async def _exchange(
         outgoing = OutgoingBody(body, None)
     elif client.body_exists and router.several:
         try:
-            outgoing = await read_ahead(_request_body(client, record, gateway.log_content, gateway.max_body_bytes))
+            outgoing = await read_ahead(_request_body(client, record, gateway))
         except BodyTooLarge as exc:
             return _too_large(record, exc, exc)
+        except BodyStalled as exc:
+            return _body_stalled(record, exc)
     elif not client.body_exists:
         timings.body_done = timings.start
     key: int | None = None
@@ -168,10 +170,16 @@ async def _attempt(
                 # The client's body, not the engine: no failover, nothing held against the engine.
                 if isinstance(failed, BodyTooLarge):
                     return _too_large(record, failed, failed)
+                if isinstance(failed, BodyStalled):
+                    return _body_stalled(record, failed)
                 return _unreadable_body(record, failed)
         try:
             await head
         except (EngineBroken, EngineIdle) as exc:
+            if isinstance(exc, EngineIdle) and uploading is not None and not uploading.done():
+                # The engine was waiting for the rest of the body: the client's delay, not held against the engine.
+                message = f"nothing reached the engine for {gateway.timeouts.idle:g} s before the body's end"
+                return _body_stalled(record, BodyStalled(message))
             return _failed_before_answer(router, member, record, body, tried, exc)
         router.answered(member, conn.status)
         if router.retries_status(member, conn.status, record.failover, [*tried, member], _replayable(body)):
@@ -204,7 +212,7 @@ def _outgoing(
     if body is not None:
         payload = body.payload()
     elif client.body_exists:
-        payload = _request_body(client, record, gateway.log_content, gateway.max_body_bytes)
+        payload = _request_body(client, record, gateway)
     if isinstance(payload, bytes):
         return payload, None, False, b"Content-Length: %d\r\n" % len(payload)
     if payload is not None:
@@ -272,15 +280,34 @@ def _unreadable_body(record: RequestRecord, raised: BaseException) -> web.Respon
     )
 
 
+def _body_stalled(record: RequestRecord, raised: BodyStalled) -> web.Response:
+    """408, as nginx's client_body_timeout answers: the streamed body stopped before its end. aiohttp's parser
+    also leaves a body whose chunk framing breaks waiting for bytes that never come, so it ends here too."""
+    record.outcome = "rejected"
+    record.error = repr(raised)
+    record.status = 408
+    response = error_response(
+        408,
+        f"the request body stopped arriving: {raised}",
+        type_="invalid_request_error",
+        code="request_body_timeout",
+        headers={REQUEST_ID: record.request_id},
+    )
+    response.force_close()  # rather than wait (aiohttp's lingering read) for the rest of a body that is not coming
+    return response
+
+
 class BodyTooLarge(Exception):
     """A streamed request body grew past the gateway's limit (a declared one is refused before it is read)."""
 
 
-async def _request_body(client: ClientSide, record: RequestRecord, keep: bool, limit: int) -> AsyncIterator[bytes]:
+async def _request_body(client: ClientSide, record: RequestRecord, gateway: Gateway) -> AsyncIterator[bytes]:
     """The client's body as it arrives, noting its size, its end, and the model it names."""
     timings = record.timings
-    kept = bytearray() if keep else None
-    async for chunk in client.body_chunks():
+    limit, gap_s = gateway.max_body_bytes, gateway.body_timeout
+    kept = bytearray() if gateway.log_content else None
+    chunks = client.body_chunks()
+    while (chunk := await next_part(chunks, gap_s)) is not None:
         timings.bytes_in += len(chunk)
         if limit and timings.bytes_in > limit:
             raise BodyTooLarge(f"the request body is over {limit} bytes, the most this gateway takes")

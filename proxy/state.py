@@ -28,6 +28,7 @@ class Gateway:
     timing_summary: bool = False  # end every event stream with a ': flushgate-timing {...}' comment
     log_content: bool = False  # prompts and completions in the record
     max_body_bytes: int = 0  # a streamed (chunked) request body is cut off above this; 0: no limit
+    body_timeout: float | None = None  # the longest pause in a streamed request body; None: no limit
     draining: bool = False
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from flushgate.cli import build_parser, config_from_args
 from flushgate.config import Access, Config, ConfigError, Limits
@@ -20,7 +21,7 @@ from flushgate.proxy.auth import ApiKeys
 from flushgate.proxy.engine_routes import INFERENCE_ROUTES, RoutePolicy
 from flushgate.server import Server
 from tests.fakes import FakeUpstream, Handler, sse_chunk, start_stream
-from tests.raw_http import exchange, request_bytes
+from tests.raw_http import RawResponse, exchange, parse_response, request_bytes
 
 GUARD_S = 15
 KEY = "sk-test-0123456789"
@@ -522,3 +523,121 @@ async def test_an_expect_header_other_than_100_continue_gets_417_in_the_apis_sha
     async with http.post(gateway_url + "/v1/chat/completions", data=b"{}", expect100=True) as resp:
         assert resp.status == 200
     assert len(fake.seen) == 1
+
+
+CHUNKED_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+async def read_answer(reader: asyncio.StreamReader) -> RawResponse:
+    """One answer, read by its Content-Length as a client does (a server may linger before it closes)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), GUARD_S)
+    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+    return parse_response(head + await asyncio.wait_for(reader.readexactly(length), GUARD_S), "POST")
+
+
+async def answer_after(
+    port: int, sent: bytes, then: Callable[[], Awaitable[object]] | None = None, more: bytes = b""
+) -> tuple[RawResponse, float]:
+    """Send ``sent``; once ``then`` is done, ``more``; keep the connection open. The answer, and how long after
+    the last byte sent it came."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(sent)
+        if then is not None:
+            await asyncio.wait_for(then(), GUARD_S)
+            writer.write(more)
+        await writer.drain()
+        last_sent = time.monotonic()
+        answer = await read_answer(reader)
+        return answer, time.monotonic() - last_sent
+    finally:
+        writer.close()
+
+
+@asynccontextmanager
+async def body_reading_engines(
+    count: int, body_timeout: float, own_server: bool = True
+) -> AsyncIterator[tuple[Server, list[FakeUpstream], list[bytes]]]:
+    """Engines that read each POST's whole body (kept in the list), behind a gateway with ``body_timeout``."""
+    fakes = [FakeUpstream() for _ in range(count)]
+    bodies: list[bytes] = []
+
+    async def reads_the_body(request: web.Request) -> web.Response:
+        if request.method == "POST":  # not the active health checks
+            bodies.append(await request.read())
+        return web.json_response({"ok": True})
+
+    for fake in fakes:
+        fake.handler = reads_the_body
+        await fake.start()
+    upstream = tuple(f.url for f in fakes) if count > 1 else fakes[0].url
+    limits = Limits(body_timeout=body_timeout)
+    server = Server(Config(upstream=upstream, port=0, limits=limits, own_server=own_server))
+    await server.start()
+    try:
+        yield server, fakes, bodies
+    finally:
+        await server.stop()
+        for fake in fakes:
+            await fake.stop()
+
+
+async def ejections_and_a_good_request(port: int) -> list[float]:
+    """After the refusals: a normal request still reaches an engine, and how often each engine was ejected."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=b"{}") as resp:
+            assert resp.status == 200
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            families = text_string_to_metric_families(await resp.text())
+    return [s.value for f in families for s in f.samples if s.name == "flushgate_engine_ejections_total"]
+
+
+@pytest.mark.parametrize("engines", [1, 2], ids=["streamed to one engine", "read ahead for several"])
+async def test_a_chunked_body_that_stops_gets_408_and_is_not_held_against_the_engine(engines: int) -> None:
+    """nginx's client_body_timeout: a body that stops arriving is answered 408 after --body-timeout. It is the
+    client's doing: four in a row (the ejection threshold is three failures) must not eject the engine."""
+    async with body_reading_engines(engines, body_timeout=0.3) as (server, _, bodies):
+        for _ in range(4):
+            answer, after = await answer_after(server.port, CHUNKED_HEAD + b'4\r\n{"a"\r\n')
+            assert answer.status == 408
+            assert openai_error(answer.json())["code"] == "request_body_timeout"
+            assert 0.3 <= after < GUARD_S
+        assert await ejections_and_a_good_request(server.port) == [0.0] * engines
+    assert bodies == [b"{}"]  # no engine ever took a cut body for a whole one
+
+
+async def test_broken_chunk_framing_is_refused_in_the_apis_shape() -> None:
+    """Read with the head, the front refuses it at once (aiohttp's parser would drop the request for a bare 400);
+    once the request is with the engine, aiohttp's parser leaves the body waiting, and the body timeout ends it."""
+    broken = b"zz\r\nnot a chunk size\r\n"
+    async with body_reading_engines(1, body_timeout=0.3) as (server, fakes, bodies):
+        at_once, _ = await answer_after(server.port, CHUNKED_HEAD + b'4\r\n{"a"\r\n' + broken)
+        later, after = await answer_after(
+            server.port, CHUNKED_HEAD + b'4\r\n{"a"\r\n', fakes[0].requests_started.wait, broken
+        )
+        assert await ejections_and_a_good_request(server.port) == [0.0]
+    assert at_once.status == 400
+    assert openai_error(at_once.json())["code"] == "request_body_unreadable"
+    assert later.status == 408
+    assert 0.3 <= after < GUARD_S
+    assert openai_error(later.json())["code"] == "request_body_timeout"
+    assert bodies == [b"{}"]
+
+
+@pytest.mark.parametrize(
+    ("path", "own_server"),
+    [("/v1/chat/completions", True), ("/v1/chat/completions", False), ("/api/chat", True)],
+    ids=["own server", "aiohttp's server", "Ollama route"],
+)
+async def test_a_body_shorter_than_its_content_length_gets_408_in_the_apis_shape(path: str, own_server: bool) -> None:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n".encode()
+    async with body_reading_engines(1, body_timeout=0.3, own_server=own_server) as (server, _, bodies):
+        answer, after = await answer_after(server.port, head + b'{"model": "m"')
+        assert await ejections_and_a_good_request(server.port) == [0.0]
+    assert answer.status == 408
+    assert 0.3 <= after < GUARD_S
+    if path.startswith("/api/"):
+        assert answer.json() == {"error": "the request body stopped arriving: no part of it came for 0.3 s"}
+    else:
+        assert openai_error(answer.json())["code"] == "request_body_timeout"
+    assert bodies == [b"{}"]

@@ -12,13 +12,14 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from flushgate.proxy.body import BodyStalled, next_part
 from flushgate.proxy.headers import REQUEST_ID, new_request_id
 from flushgate.proxy.ollama.errors import OllamaError, engine_error_message, ollama_error_response
 from flushgate.proxy.ollama.lines import AnswerClock, Kind, created_at, load_object
 from flushgate.proxy.ollama.models import ListedName, ModelRegistry
 from flushgate.proxy.ollama.relay import answer, upstream_headers
 from flushgate.proxy.ollama.request import chat_call, generate_call, parse_body, requested_model
-from flushgate.proxy.state import Gateway
+from flushgate.proxy.state import GATEWAY, Gateway
 from flushgate.record import RequestRecord
 from flushgate.timings import RequestTimings, now
 
@@ -96,7 +97,15 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 async def read_limited(request: web.Request) -> bytes:
     parts: list[bytes] = []
     size = 0
-    while chunk := await request.content.readany():
+    chunks = request.content.iter_any()
+    gap_s = request.app[GATEWAY].body_timeout
+    while True:
+        try:
+            chunk = await next_part(chunks, gap_s)
+        except BodyStalled as exc:
+            raise OllamaError(408, f"the request body stopped arriving: {exc}") from exc
+        if chunk is None:
+            break
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise OllamaError(413, f"request body larger than {MAX_BODY_BYTES >> 20} MiB")
