@@ -12,6 +12,8 @@ from playwright.async_api import expect
 
 from tests.chat_browser import chat_page
 from tests.real.conftest import GatewayProcess
+from tests.real.test_chat_page_real import running_requests
+from tests.test_security import CHUNKED_HEAD, answer_after, openai_error
 from tests.test_workers import WorkerGroup, request_id_is
 
 MODEL = "smollm2-135m-instruct"
@@ -65,3 +67,36 @@ async def test_the_chat_page_asks_for_the_key_and_streams_the_real_answer(
         answer = await chat.ask("What is the capital of France?")
         await chat.wait_finished(answer)
         await expect(answer.locator(".body")).to_contain_text("Paris")
+
+
+async def test_a_stalled_request_body_gets_408_and_leaves_the_real_engine_serving(
+    smol_gateway: GatewayProcess,
+) -> None:
+    """A chat whose body stops (chunked, streamed on to vLLM; and one short of its Content-Length) gets 408, the
+    engine's request is closed, vLLM runs nothing afterwards, and the next chat answers."""
+    engine = smol_gateway.engine["url"]
+    gateway = GatewayProcess("--upstream", engine, "--body-timeout", "0.5")
+    try:
+        port = int(gateway.url.rsplit(":", 1)[1])
+        body = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "Hi"}]}'
+        chunked = CHUNKED_HEAD + b"%x\r\n%b\r\n" % (len(body) // 2, body[: len(body) // 2])
+        short = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+        for sent in (chunked, short + body[:10]):
+            answer, after = await answer_after(port, sent)
+            assert answer.status == 408
+            assert openai_error(answer.json())["code"] == "request_body_timeout"
+            assert after >= 0.5
+        assert await running_requests(engine) == 0
+        client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0)
+        try:
+            reply = await client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "What is the capital of France?"}],
+                max_tokens=16,
+                temperature=0,
+            )
+        finally:
+            await client.close()
+        assert "Paris" in (reply.choices[0].message.content or "")
+    finally:
+        gateway.stop()
