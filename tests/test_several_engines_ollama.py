@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from tests.several_engines import GUARD_S, EngineFarm, records, start_farm, start_gateway, stop_farm
@@ -122,3 +123,45 @@ async def test_when_every_engine_fails_the_client_gets_an_ollama_error_naming_th
     assert record["engine"] == farm.urls[second]
     assert [attempt["engine"] for attempt in record["failover"]] == [farm.urls[first]]
     assert record["outcome"] == "upstream_error"
+
+
+async def embeds(request: web.Request, engine: int) -> web.StreamResponse:
+    return web.json_response({"data": [{"index": 0, "embedding": [float(engine), 0.5]}], "usage": {"prompt_tokens": 2}})
+
+
+@pytest.mark.parametrize("first", ["refused", "hangs up", "answers 503"])
+async def test_an_embedding_an_engine_fails_before_answering_is_made_by_the_other(
+    farm: EngineFarm, http: aiohttp.ClientSession, first: str
+) -> None:
+    """An embedding changes nothing, so like a chat it goes on to another engine when the first fails before its
+    answer; the failed engine is held to account (refused: out of rotation after its first refusal)."""
+    urls = farm.urls
+    if first == "refused":
+        urls = [closed_url(), farm.urls[0]]
+        farm.script = [embeds] * 3
+    else:
+        farm.script = [hangs_up if first == "hangs up" else answers_status(503), embeds, embeds, embeds]  # type: ignore[list-item]
+    server = await start_gateway(urls)
+    body = orjson.dumps({"model": "fake-model", "input": "hello"})
+    answers = []
+    try:
+        with capture_logs() as logs:
+            for _ in range(3):
+                async with http.post(f"http://127.0.0.1:{server.port}/api/embed", data=body) as resp:
+                    answers.append((resp.status, orjson.loads(await resp.read())))
+        in_rotation = await metric(http, server, "flushgate_engine_in_rotation", engine=urls[0])
+    finally:
+        await server.stop()
+    assert [status for status, _ in answers] == [200] * 3
+    (event,) = [entry for entry in logs if entry["event"] == "embeddings_failover"]
+    (attempt,) = event["failover"]
+    assert attempt["engine"] != event["engine"]
+    if first == "refused":
+        assert attempt["engine"] == urls[0]
+        assert in_rotation == 0
+        assert [got["embeddings"] for _, got in answers] == [[[0.0, 0.5]]] * 3
+    else:
+        failed, served = farm.arrivals[0][0], farm.arrivals[1][0]
+        assert failed != served
+        assert event["engine"] == farm.urls[served]
+        assert answers[0][1]["embeddings"] == [[float(served), 0.5]]

@@ -19,6 +19,7 @@ from flushgate.proxy.ollama.lines import AnswerClock, Kind, created_at, load_obj
 from flushgate.proxy.ollama.models import ListedName, ModelRegistry
 from flushgate.proxy.ollama.relay import answer, upstream_headers
 from flushgate.proxy.ollama.request import chat_call, generate_call, parse_body, requested_model
+from flushgate.proxy.pool import EngineMember
 from flushgate.proxy.state import GATEWAY, Gateway
 from flushgate.record import RequestRecord
 from flushgate.timings import RequestTimings, now
@@ -252,34 +253,44 @@ class OllamaApi:
             payload["dimensions"] = dimensions
         router = gateway.router
         assert router is not None
-        member = router.pick(None)
-        if member is None:
-            refusal = router.no_engine()
-            raise OllamaError(503, refusal.message, {"Retry-After": str(refusal.retry_after_s)})
-        base = member.url
         headers = upstream_headers(request, request.headers.get(REQUEST_ID) or new_request_id())
         headers["Accept"] = "application/json"
+        data = orjson.dumps(payload)
+        tried: list[EngineMember] = []
+        failover: list[dict[str, str]] = []
         gateway.enter()
-        router.acquire(member)
         try:
-            async with gateway.session.post(
-                base + "/v1/embeddings", data=orjson.dumps(payload), headers=headers
-            ) as resp:
-                raw = await resp.read()
-                router.answered(member, resp.status)
-                if resp.status == 404 and b"Not Found" in raw:  # vLLM has no embeddings route for this model
-                    raise OllamaError(
-                        400, f"model '{name}' does not support embeddings: the engine serves it for generation"
-                    )
-                if resp.status != 200:
-                    status = resp.status if 400 <= resp.status < 600 else 502
-                    raise OllamaError(status, f"the engine cannot embed with '{name}': {engine_error_message(raw)}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            router.failed(member, "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "broken")
-            raise OllamaError(502, f"the engine at {base} failed to answer: {exc or type(exc).__name__}") from None
+            while True:  # an embedding changes nothing: an engine that fails before answering leaves it to another
+                member = router.pick(None, tried)
+                if member is None:
+                    refusal = router.no_engine()
+                    raise OllamaError(503, refusal.message, {"Retry-After": str(refusal.retry_after_s)})
+                tried.append(member)
+                router.acquire(member)
+                try:
+                    async with gateway.session.post(member.url + "/v1/embeddings", data=data, headers=headers) as resp:
+                        raw = await resp.read()
+                        status = resp.status
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    failure = router.failed_before_answer(member, exc, failover, tried)
+                    if failure is None:
+                        continue
+                    raise OllamaError(failure.status, failure.message) from None
+                finally:
+                    router.release(member)
+                router.answered(member, status)
+                if router.retries_status(member, status, failover, tried):
+                    continue
+                break
         finally:
-            router.release(member)
             gateway.leave()
+        if failover:
+            gateway.log.info("embeddings_failover", path=request.path, engine=member.url, failover=failover)
+        if status == 404 and b"Not Found" in raw:  # vLLM has no embeddings route for this model
+            raise OllamaError(400, f"model '{name}' does not support embeddings: the engine serves it for generation")
+        if status != 200:
+            code = status if 400 <= status < 600 else 502
+            raise OllamaError(code, f"the engine cannot embed with '{name}': {engine_error_message(raw)}")
         try:
             reply = orjson.loads(raw)
             vectors = [item["embedding"] for item in sorted(reply["data"], key=lambda item: item["index"])]
