@@ -25,7 +25,7 @@ READY_TIMEOUT_S = 600.0  # two CPU vLLMs loading side by side take 55-85 s on a 
 
 
 class VllmServer:
-    def __init__(self, model_dir: Path, cores: Sequence[int], log_path: Path) -> None:
+    def __init__(self, model_dir: Path, cores: Sequence[int], log_path: Path, extra_args: Sequence[str] = ()) -> None:
         spec = build_spec(str(model_dir), python=sys.executable, preset=get_preset("cpu"))
         env = dict(spec.env)
         env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
@@ -34,7 +34,7 @@ class VllmServer:
         self.log_path = log_path
         with log_path.open("wb") as log:
             self.popen = subprocess.Popen(
-                spec.argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                [*spec.argv, *extra_args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
 
     def wait_ready(self, deadline: float) -> None:
@@ -79,14 +79,14 @@ class VllmServer:
             os.killpg(self.popen.pid, signal.SIGKILL)  # workers left behind, if any
 
 
-def start_engines(model_dir: Path, count: int, log_dir: Path) -> list[VllmServer]:
+def start_engines(model_dir: Path, count: int, log_dir: Path, extra_args: Sequence[str] = ()) -> list[VllmServer]:
     """``count`` engines, loading side by side, each on its share of the cores this process may use."""
     cores = sorted(os.sched_getaffinity(0))
     engines = []
     try:
         for i in range(count):
             share = cores[i::count] or cores
-            engines.append(VllmServer(model_dir, share, log_dir / f"vllm-{i}.log"))
+            engines.append(VllmServer(model_dir, share, log_dir / f"vllm-{i}.log", extra_args))
         deadline = time.monotonic() + READY_TIMEOUT_S
         for engine in engines:
             engine.wait_ready(deadline)
