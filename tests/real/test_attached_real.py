@@ -27,6 +27,22 @@ def keyed_gateway(smol_gateway: GatewayProcess) -> Iterator[GatewayProcess]:
     gateway.stop()
 
 
+async def capital_of_france(base: str, headers: dict[str, str] | None = None) -> str:
+    """The answer through the official ``openai`` client, a new one (so a new connection) each time."""
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+    try:
+        reply = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=16,
+            temperature=0,
+            extra_headers=headers,
+        )
+    finally:
+        await client.close()
+    return reply.choices[0].message.content or ""
+
+
 async def test_two_workers_on_one_port_both_answer_with_the_real_engine(smol_gateway: GatewayProcess) -> None:
     group = await WorkerGroup.start(smol_gateway.engine["url"], 2)
     try:
@@ -34,18 +50,7 @@ async def test_two_workers_on_one_port_both_answer_with_the_real_engine(smol_gat
         assert sorted(event["worker"] for event in listening) == [0, 1]
         served: set[int] = set()
         for i in range(32):  # a new client, so a new connection, each time: the kernel picks the worker
-            client = openai.AsyncOpenAI(base_url=group.base + "/v1", api_key="none", max_retries=0)
-            try:
-                reply = await client.chat.completions.create(
-                    model=MODEL,
-                    messages=[{"role": "user", "content": "What is the capital of France?"}],
-                    max_tokens=16,
-                    temperature=0,
-                    extra_headers={"X-Request-ID": f"workers-{i}"},
-                )
-            finally:
-                await client.close()
-            assert "Paris" in (reply.choices[0].message.content or "")
+            assert "Paris" in await capital_of_france(group.base, {"X-Request-ID": f"workers-{i}"})
             record = await group.event("request", request_id_is(f"workers-{i}"))
             served.add(record["worker"])
             if served == {0, 1}:
@@ -87,16 +92,6 @@ async def test_a_stalled_request_body_gets_408_and_leaves_the_real_engine_servin
             assert openai_error(answer.json())["code"] == "request_body_timeout"
             assert after >= 0.5
         assert await running_requests(engine) == 0
-        client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0)
-        try:
-            reply = await client.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "What is the capital of France?"}],
-                max_tokens=16,
-                temperature=0,
-            )
-        finally:
-            await client.close()
-        assert "Paris" in (reply.choices[0].message.content or "")
+        assert "Paris" in await capital_of_france(gateway.url)
     finally:
         gateway.stop()
