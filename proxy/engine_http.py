@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Final, NamedTuple, cast
 from urllib.parse import urlsplit
@@ -321,16 +322,52 @@ class EngineConnections:
         self._idle: dict[str, list[EngineConnection]] = {}
         self._addresses: dict[str, EngineAddress] = {}
         self._open: set[EngineConnection] = set()
+        self._opening: dict[str, deque[asyncio.Task[EngineConnection]]] = {}  # opened ahead, not yet claimed
 
     async def acquire(self, base: str, connect_s: float, timings: RequestTimings) -> EngineConnection:
         conn = self.take_idle(base)
         if conn is not None:
             timings.connection_reused = True
             return conn
-        loop = asyncio.get_running_loop()
-        host, port, context, _ = self.address(base)
         timings.connect_start = now()
         timings.connection_reused = False
+        opening = self._opening.get(base)
+        if opening:
+            conn = await opening.popleft()
+        else:
+            conn = await self._connect(base, connect_s)
+        timings.connect_end = now()
+        return conn
+
+    def open_ahead(self, base: str, connect_s: float, wanted: int) -> None:
+        """Start a connection to ``base`` before a request needs it, unless ``wanted`` are already idle or opening.
+
+        Under a burst of new clients the connect otherwise waits a turn of an event loop busy with the burst after
+        the request was read (p50 9.7 ms of a 256-stream burst here); opened when the client connects, it overlaps
+        the wait for the request. A request for ``base`` takes the oldest one still opening (``acquire``); one
+        nobody takes is parked like any idle connection, so it closes after the keep-alive time if unused.
+        """
+        opening = self._opening.setdefault(base, deque())
+        if len(opening) + len(self._idle.get(base, ())) >= wanted:
+            return
+        task = asyncio.get_running_loop().create_task(self._connect(base, connect_s))
+        opening.append(task)
+        task.add_done_callback(lambda done: self._opened_ahead(base, done))
+
+    def _opened_ahead(self, base: str, task: asyncio.Task[EngineConnection]) -> None:
+        opening = self._opening.get(base)
+        if opening is None or task not in opening:
+            return  # claimed by a request, which takes the connection or the error
+        opening.remove(task)
+        if not task.cancelled() and task.exception() is None:
+            conn = task.result()
+            if not conn.closed:
+                conn.park()
+                self._idle.setdefault(base, []).append(conn)
+
+    async def _connect(self, base: str, connect_s: float) -> EngineConnection:
+        loop = asyncio.get_running_loop()
+        host, port, context, _ = self.address(base)
         try:
             async with asyncio.timeout(connect_s):
                 _, conn = await loop.create_connection(
@@ -344,7 +381,6 @@ class EngineConnections:
             raise EngineConnectTimeout(f"connecting to {base} took over {connect_s:g} s") from exc
         except OSError as exc:
             raise EngineConnectError(base, exc) from exc
-        timings.connect_end = now()
         self._open.add(conn)
         return conn
 
@@ -395,6 +431,10 @@ class EngineConnections:
         return found
 
     def close(self) -> None:
+        for opening in self._opening.values():
+            for task in opening:
+                task.cancel()
+        self._opening.clear()
         for conn in list(self._open):
             conn.abort()
         self._idle.clear()

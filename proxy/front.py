@@ -84,6 +84,19 @@ class Front:
     def __call__(self) -> ClientConnection:
         return ClientConnection(self)
 
+    def open_engine_connection_ahead(self) -> None:
+        """A new client will most likely send a request: its engine connection is opened while the request is on
+        its way (at most one engine connection for each client connection, spread over the engines)."""
+        gateway = self.gateway
+        router = gateway.router
+        assert router is not None
+        if gateway.draining:
+            return
+        member = router.likely_next()
+        if member is not None:
+            wanted = -(-len(self.connections) // len(router.pool.members))
+            gateway.engines.open_ahead(member.url, gateway.timeouts.connect, wanted)
+
     def close(self) -> None:
         """Close every connection still served here (the drain has let the in-flight requests finish)."""
         for connection in list(self.connections):
@@ -189,8 +202,10 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
         peer = transport.get_extra_info("peername")  # TCP_NODELAY: uvloop and asyncio set it on every TCP socket
         self.remote = peer[0] if isinstance(peer, tuple) else None
-        self._front.connections.add(self)
+        front = self._front
+        front.connections.add(self)
         self._arm_timer()
+        front.open_engine_connection_ahead()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:

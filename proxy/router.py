@@ -46,6 +46,7 @@ class Router:
         self.policy = policy or RoutingPolicy()
         self.source = source  # where members come from when discovered (for messages); None: a fixed list
         self._turn = 0
+        self._ahead_turn = 0
 
     @classmethod
     def of_one(cls, backend: Backend) -> Router:
@@ -81,6 +82,15 @@ class Router:
             chosen = self._least_outstanding(candidates)
         chosen.picks[reason] = chosen.picks.get(reason, 0) + 1
         return chosen
+
+    def likely_next(self) -> EngineMember | None:
+        """An engine a coming request may well be routed to (taking turns over those that can take one); nothing
+        is counted."""
+        candidates, _ = self._candidates(())
+        if not candidates:
+            return None
+        self._ahead_turn += 1
+        return candidates[self._ahead_turn % len(candidates)]
 
     def _candidates(self, exclude: Collection[EngineMember]) -> tuple[list[EngineMember], str]:
         now = self.pool.clock()

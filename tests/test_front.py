@@ -363,3 +363,90 @@ async def test_without_aliases_the_model_list_is_the_engines_own_bytes(fake: Fak
     assert answer.body == b'{"object": "list", "data": [{"id": "m"}]}'
     assert "x-request-id" in answer.headers  # through the pass-through
     assert stats(server) == (1, 0)
+
+
+class CountingEngine(asyncio.Protocol):
+    """An engine on a raw socket that counts the connections it is given and answers each request ``ok``."""
+
+    connections: list[CountingEngine]
+
+    def __init__(self, connections: list[CountingEngine], opened: asyncio.Condition) -> None:
+        self._connections = connections
+        self._opened = opened
+        self.received = b""
+        self.requests = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._connections.append(self)
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._opened:
+            self._opened.notify_all()
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+        head, _, body = self.received.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        if len(body) >= length and self.transport is not None:
+            self.received = b""
+            self.requests += 1
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\nok")
+
+
+@pytest.fixture
+async def counting_engine() -> AsyncIterator[tuple[str, list[CountingEngine], asyncio.Condition]]:
+    connections: list[CountingEngine] = []
+    opened = asyncio.Condition()
+    server = await asyncio.get_running_loop().create_server(lambda: CountingEngine(connections, opened), "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", connections, opened
+    server.close()
+
+
+async def engine_connections_reach(opened: asyncio.Condition, connections: list[CountingEngine], n: int) -> None:
+    async with opened:
+        await asyncio.wait_for(opened.wait_for(lambda: len(connections) >= n), GUARD_S)
+
+
+async def test_a_new_clients_engine_connection_is_opened_before_its_request_arrives_and_then_used(
+    counting_engine: tuple[str, list[CountingEngine], asyncio.Condition],
+) -> None:
+    url, connections, opened = counting_engine
+    gateway = Server(Config(upstream=url, port=0))
+    await gateway.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        await engine_connections_reach(opened, connections, 1)  # the client has sent nothing yet
+        writer.write(post_bytes())
+        answer = parse_response(await read_answer(reader), "POST")
+        writer.close()
+    finally:
+        await gateway.stop()
+    assert (answer.status, answer.body) == (200, b"ok")
+    assert [c.requests for c in connections] == [1]  # the request went on the connection opened ahead
+
+
+async def test_engine_connections_opened_for_clients_that_sent_nothing_are_kept_and_used_later(
+    counting_engine: tuple[str, list[CountingEngine], asyncio.Condition],
+) -> None:
+    """At most one engine connection per client connection is opened ahead; those nobody claimed wait in the
+    pool like any idle connection, and a request takes one of them rather than opening another."""
+    url, connections, opened = counting_engine
+    gateway = Server(Config(upstream=url, port=0))
+    await gateway.start()
+    try:
+        silent = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(3)]
+        await engine_connections_reach(opened, connections, 3)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        await engine_connections_reach(opened, connections, 4)  # a fourth client: a fourth engine connection
+        writer.write(post_bytes())
+        answer = parse_response(await read_answer(reader), "POST")
+        for _, idle in [*silent, (reader, writer)]:
+            idle.close()
+    finally:
+        await gateway.stop()
+    assert answer.status == 200
+    assert len(connections) == 4  # none was opened for the request itself
+    assert sum(c.requests for c in connections) == 1
