@@ -41,18 +41,28 @@ class OutgoingBody:
 
 
 class BodyStalled(Exception):
-    """A request body paused for longer than the gateway waits (nginx's client_body_timeout)."""
+    """A request body paused for longer than the gateway waits (nginx's client_body_timeout); the message is what
+    every route tells the client, with a 408."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the request body stopped arriving: {reason}")
+
+    @classmethod
+    def after(cls, gap_s: float) -> BodyStalled:
+        return cls(f"no part of it came for {gap_s:g} s")
 
 
-async def next_part(chunks: AsyncIterator[bytes], gap_s: float | None) -> bytes | None:
-    """The body's next part, or None at its end; ``BodyStalled`` when none comes within ``gap_s``."""
-    try:
-        async with asyncio.timeout(gap_s):
-            return await anext(chunks)
-    except StopAsyncIteration:
-        return None
-    except TimeoutError as exc:
-        raise BodyStalled(f"no part of it came for {gap_s:g} s") from exc
+async def arriving(chunks: AsyncIterator[bytes], gap_s: float | None) -> AsyncIterator[bytes]:
+    """The body's parts as they come; ``BodyStalled`` when the next one takes longer than ``gap_s``."""
+    while True:
+        try:
+            async with asyncio.timeout(gap_s):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as exc:
+            raise BodyStalled.after(gap_s or 0) from exc
+        yield chunk
 
 
 async def read_ahead(chunks: AsyncIterator[bytes], cap: int | None = None) -> OutgoingBody:

@@ -347,7 +347,9 @@ class EngineConnections:
         the wait for the request. A request for ``base`` takes the oldest one still opening (``acquire``); one
         nobody takes is parked like any idle connection, so it closes after the keep-alive time if unused.
         """
-        opening = self._opening.setdefault(base, deque())
+        opening = self._opening.get(base)
+        if opening is None:
+            opening = self._opening[base] = deque()
         if len(opening) + len(self._idle.get(base, ())) >= wanted:
             return
         task = asyncio.get_running_loop().create_task(self._connect(base, connect_s))

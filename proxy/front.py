@@ -45,6 +45,7 @@ FORWARDED_PATHS = frozenset({b"/tokenize", b"/detokenize"})  # and every path un
 _NO_BODY = frozenset({204, 304})
 # Request headers that need a rule of aiohttp's server (or the CORS guard's) to be answered right.
 _HANDED_OVER_HEADERS = frozenset({b"origin", b"expect", b"transfer-encoding", b"upgrade"})
+Refusal = tuple[int, str, str]  # status, message, code of a request the front answers while reading it
 
 
 @dataclass(slots=True)
@@ -194,7 +195,7 @@ class ClientConnection(asyncio.Protocol):
         self._hand_over_now = False
         self._method = "POST"  # or GET, as the head said (a head the front does not take is handed over)
         self._started = 0.0
-        self._over_limit: tuple[int, str, str] | None = None  # status, message, code
+        self._refusal: Refusal | None = None  # the head is over a limit, or the body's framing broke
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------------
 
@@ -221,16 +222,16 @@ class ClientConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:  # malformed, an upgrade, or a second request: aiohttp's to answer
-            if self._over_limit is None and self._in_body and not isinstance(exc, httptools.HttpParserUpgrade):
+            if self._refusal is None and self._in_body and not isinstance(exc, httptools.HttpParserUpgrade):
                 # The body's framing broke: aiohttp's parser would drop the request read so far for a bare 400.
-                self._over_limit = (400, f"the request body could not be read: {exc}", "request_body_unreadable")
-            elif self._over_limit is None:
+                self._refusal = (400, f"the request body could not be read: {exc}", "request_body_unreadable")
+            elif self._refusal is None:
                 self._hand_over()
                 return
-        if self._over_limit is None and not self._head_done and len(self._raw) > self._front.max_header_bytes:
+        if self._refusal is None and not self._head_done and len(self._raw) > self._front.max_header_bytes:
             self._check_lines()
-        if self._over_limit is not None:
-            self._refuse(*self._over_limit)
+        if self._refusal is not None:
+            self._refuse(*self._refusal)
         elif self._hand_over_now:
             self._hand_over()
         elif self._complete:
@@ -264,19 +265,18 @@ class ClientConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         limit = self._front.max_header_bytes
-        if len(self._url) > limit and self._over_limit is None:
-            self._over_limit = (414, f"the request target is over {limit} bytes", "request_target_too_long")
+        if len(self._url) > limit and self._refusal is None:
+            self._refusal = _target_too_long(limit)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
-        if self._over_limit is not None:
+        if self._refusal is not None:
             return
         front = self._front
         if len(name) + len(value) > front.max_header_bytes:
-            message = f"a request header is over {front.max_header_bytes} bytes"
-            self._over_limit = (431, message, "request_header_too_large")
+            self._refusal = _header_too_large(front.max_header_bytes)
         elif len(self._headers) > front.max_headers:
-            self._over_limit = (431, f"the request has over {front.max_headers} headers", "too_many_request_headers")
+            self._refusal = (431, f"the request has over {front.max_headers} headers", "too_many_request_headers")
 
     def on_headers_complete(self) -> None:
         self._head_done = True
@@ -427,9 +427,9 @@ class ClientConnection(asyncio.Protocol):
         limit = self._front.max_header_bytes
         lines = self._raw.split(b"\n")
         if len(lines[0]) > limit + 1:
-            self._over_limit = (414, f"the request target is over {limit} bytes", "request_target_too_long")
+            self._refusal = _target_too_long(limit)
         elif any(len(line) > limit + 1 for line in lines[1:]):
-            self._over_limit = (431, f"a request header is over {limit} bytes", "request_header_too_large")
+            self._refusal = _header_too_large(limit)
 
     @property
     def _in_body(self) -> bool:
@@ -477,7 +477,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def _arm_timer(self, delay: float | None = None, then: Callable[[], None] | None = None) -> None:
-        """A whole request head must come within the header timeout of opening or of the last answer."""
+        """By default the header timeout: a whole request head must come within it of opening or of the last
+        answer (and a refused client must be gone by then)."""
         self._cancel_timer()
         self._timer = self._loop.call_later(delay or self._front.header_timeout, then or self._on_timeout)
 
@@ -494,10 +495,15 @@ class ClientConnection(asyncio.Protocol):
     def _on_body_timeout(self) -> None:
         self._timer = None
         if self._task is None and self._in_body and not self._refused:
-            seconds = self._front.body_timeout
-            self._refuse(
-                408, f"the request body stopped arriving: no part of it came for {seconds:g} s", "request_body_timeout"
-            )
+            self._refuse(408, str(outgoing_body.BodyStalled.after(self._front.body_timeout)), "request_body_timeout")
+
+
+def _target_too_long(limit: int) -> Refusal:
+    return (414, f"the request target is over {limit} bytes", "request_target_too_long")
+
+
+def _header_too_large(limit: int) -> Refusal:
+    return (431, f"a request header is over {limit} bytes", "request_header_too_large")
 
 
 def _head(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:

@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from flushgate.proxy.body import BodyStalled, next_part
+from flushgate.proxy.body import BodyStalled, arriving
 from flushgate.proxy.client_side import AiohttpClient, ClientSide
 from flushgate.proxy.ollama.errors import OllamaError
 from flushgate.proxy.ollama.models import ModelRegistry
@@ -80,15 +80,12 @@ async def _chat_with_alias(request: web.Request, registry: ModelRegistry) -> web
     if not registry.settings.thinking_aliases or size is None or size > ALIAS_BODY_LIMIT:
         return await forward(request)
     received = now()
-    parts, chunks = [], request.content.iter_any()
     try:
-        while (part := await next_part(chunks, request.app[GATEWAY].body_timeout)) is not None:
-            parts.append(part)
+        raw = b"".join([part async for part in arriving(request.content.iter_any(), request.app[GATEWAY].body_timeout)])
     except BodyStalled as exc:
-        refusal = refuse(request, 408, f"the request body stopped arriving: {exc}", code="request_body_timeout")
+        refusal = refuse(request, 408, str(exc), code="request_body_timeout")
         refusal.force_close()
         return refusal
-    raw = b"".join(parts)
     body_done = now()
     named = MODEL_FIELD.search(raw)
     name = named.group(1).decode("utf-8", "replace") if named else ""

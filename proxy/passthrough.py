@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from flushgate.proxy.affinity import affinity_key
-from flushgate.proxy.body import BodyStalled, OutgoingBody, next_part, read_ahead
+from flushgate.proxy.body import BodyStalled, OutgoingBody, arriving, read_ahead
 from flushgate.proxy.client_side import AiohttpClient, ClientSide
 from flushgate.proxy.engine_http import (
     EngineBroken,
@@ -288,7 +288,7 @@ def _body_stalled(record: RequestRecord, raised: BodyStalled) -> web.Response:
     record.status = 408
     response = error_response(
         408,
-        f"the request body stopped arriving: {raised}",
+        str(raised),
         type_="invalid_request_error",
         code="request_body_timeout",
         headers={REQUEST_ID: record.request_id},
@@ -306,8 +306,7 @@ async def _request_body(client: ClientSide, record: RequestRecord, gateway: Gate
     timings = record.timings
     limit, gap_s = gateway.max_body_bytes, gateway.body_timeout
     kept = bytearray() if gateway.log_content else None
-    chunks = client.body_chunks()
-    while (chunk := await next_part(chunks, gap_s)) is not None:
+    async for chunk in arriving(client.body_chunks(), gap_s):
         timings.bytes_in += len(chunk)
         if limit and timings.bytes_in > limit:
             raise BodyTooLarge(f"the request body is over {limit} bytes, the most this gateway takes")

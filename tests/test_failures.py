@@ -13,7 +13,7 @@ from aiohttp import web
 
 from flushgate.config import Config, Timeouts
 from flushgate.server import Server
-from tests.fakes import FakeUpstream, Handler, sse_chunk, start_stream
+from tests.fakes import FakeUpstream, Handler, held_stream, sse_chunk, start_stream
 
 GUARD_S = 10
 
@@ -147,13 +147,7 @@ async def test_a_stalled_stream_is_ended_by_the_idle_timeout(fake: FakeUpstream,
 async def test_client_disconnect_mid_stream_closes_the_upstream_request(
     fake: FakeUpstream, gateway_url: str, http: aiohttp.ClientSession
 ) -> None:
-    async def endless(request: web.Request) -> web.StreamResponse:
-        response = await start_stream(request)
-        await response.write(sse_chunk("first"))
-        await asyncio.Event().wait()
-        return response
-
-    fake.handler = endless
+    fake.handler = held_stream(asyncio.Event(), sse_chunk("first"), b"")  # never released: an endless answer
     resp = await http.post(gateway_url + "/v1/chat/completions", data=b"{}")
     assert await resp.content.readany() == sse_chunk("first")
     resp.close()  # the user closed the tab

@@ -167,13 +167,7 @@ async def test_a_request_sent_before_the_answer_ends_waits_for_it_then_goes_to_a
 async def test_a_client_that_leaves_mid_stream_aborts_the_engine_request(
     fake: FakeUpstream, gateway: Server, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]
 ) -> None:
-    async def endless(request: web.Request) -> web.StreamResponse:
-        response = await start_stream(request)
-        await response.write(chat_event("tick"))
-        await asyncio.Event().wait()
-        return response
-
-    fake.handler = endless
+    fake.handler = held_stream(asyncio.Event(), chat_event("tick"), b"")  # never released: an endless answer
     reader, writer = connection
     writer.write(post_bytes())
     await asyncio.wait_for(reader.readuntil(b"tick"), GUARD_S)

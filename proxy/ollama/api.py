@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from flushgate.proxy.body import BodyStalled, next_part
+from flushgate.proxy.body import BodyStalled, arriving
 from flushgate.proxy.headers import REQUEST_ID, new_request_id
 from flushgate.proxy.ollama.errors import OllamaError, engine_error_message, ollama_error_response
 from flushgate.proxy.ollama.lines import AnswerClock, Kind, created_at, load_object
@@ -98,19 +98,14 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 async def read_limited(request: web.Request) -> bytes:
     parts: list[bytes] = []
     size = 0
-    chunks = request.content.iter_any()
-    gap_s = request.app[GATEWAY].body_timeout
-    while True:
-        try:
-            chunk = await next_part(chunks, gap_s)
-        except BodyStalled as exc:
-            raise OllamaError(408, f"the request body stopped arriving: {exc}") from exc
-        if chunk is None:
-            break
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise OllamaError(413, f"request body larger than {MAX_BODY_BYTES >> 20} MiB")
-        parts.append(chunk)
+    try:
+        async for chunk in arriving(request.content.iter_any(), request.app[GATEWAY].body_timeout):
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise OllamaError(413, f"request body larger than {MAX_BODY_BYTES >> 20} MiB")
+            parts.append(chunk)
+    except BodyStalled as exc:
+        raise OllamaError(408, str(exc)) from exc
     return b"".join(parts)
 
 
