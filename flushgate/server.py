@@ -40,6 +40,10 @@ from flushgate.recorder import Recorder
 
 HEALTH_CHECK_TIMEOUT_S = 2.0
 BACKLOG = 1024  # connections the kernel queues before they are accepted (256 streams may open at once)
+# Handles watching each listening socket (dups of it). uvloop's libuv accepts one connection per handle and turn of
+# the event loop, and a turn under hundreds of streams takes a while: with one handle the last clients of a
+# 256-connection burst were accepted 130-150 ms after they had connected (docs/bench/README.md).
+ACCEPT_HANDLES = 8
 
 
 class Server:
@@ -71,7 +75,7 @@ class Server:
         self.engine_timings: EngineTimings | None = None
         self.port: int = config.port
         self.front: Front | None = None  # the hot route's own protocol, unless --no-own-server
-        self._listener: asyncio.Server | None = None
+        self._listeners: list[asyncio.Server] = []
 
     async def _make_backends(self) -> list[Backend]:
         config = self.config
@@ -232,10 +236,15 @@ class Server:
         )
         stats = self.front.stats
         self.gateway.recorder.metrics.watch_own_server(lambda: stats.answered, lambda: stats.handed_over)
-        self._listener = await asyncio.get_running_loop().create_server(
+        loop = asyncio.get_running_loop()
+        listener = await loop.create_server(
             self.front, config.host, config.port, backlog=BACKLOG, reuse_port=reuse_port
         )
-        self.port = self._listener.sockets[0].getsockname()[1]
+        self._listeners = [listener]
+        for sock in listener.sockets:
+            for _ in range(ACCEPT_HANDLES - 1):
+                self._listeners.append(await loop.create_server(self.front, sock=sock.dup(), backlog=BACKLOG))
+        self.port = listener.sockets[0].getsockname()[1]
 
     def begin_drain(self) -> None:
         """From now on readiness fails and new requests get 503; in-flight ones carry on."""
@@ -262,8 +271,8 @@ class Server:
             self._progress.cancel()
         for output in self._engine_outputs:
             output.close()
-        if self._listener is not None:
-            self._listener.close()
+        for listener in self._listeners:
+            listener.close()
         if self.front is not None:
             self.front.close()
         if self._runner is not None:

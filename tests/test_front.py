@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from flushgate.config import Access, Config, Limits, Timeouts
 from flushgate.proxy import front
-from flushgate.server import Server
+from flushgate.server import ACCEPT_HANDLES, Server
 from tests.fakes import (
     DONE_EVENT,
     FakeModel,
@@ -444,3 +445,32 @@ async def test_engine_connections_opened_for_clients_that_sent_nothing_are_kept_
     assert answer.status == 200
     assert len(connections) == 4  # none was opened for the request itself
     assert sum(c.requests for c in connections) == 1
+
+
+def test_connections_waiting_to_be_accepted_are_taken_several_to_a_turn_of_the_event_loop() -> None:
+    """uvloop's libuv accepts one connection per listening handle and turn of the loop. Under a burst a turn is
+    long (every stream's chunks are written in it), so one handle made the last of 256 new clients wait ~140 ms
+    to be accepted; the gateway watches its socket with ``ACCEPT_HANDLES`` handles."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def accepted_in_two_turns() -> int:
+        upstream = FakeUpstream()
+        await upstream.start()
+        gateway = Server(Config(upstream=upstream.url, port=0))
+        await gateway.start()
+        clients: list[socket.socket] = []
+        try:
+            # Blocking connects: the kernel completes each handshake and queues it while the loop runs no turn.
+            clients = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(2 * ACCEPT_HANDLES)]
+            await asyncio.sleep(0)  # one turn: the waiting connections are accepted
+            await asyncio.sleep(0)  # the next: their protocols are told (connection_made)
+            assert gateway.front is not None
+            return len(gateway.front.connections)
+        finally:
+            for client in clients:
+                client.close()
+            await gateway.stop()
+            await upstream.stop()
+
+    assert ACCEPT_HANDLES > 1
+    assert uvloop.run(accepted_in_two_turns()) >= ACCEPT_HANDLES  # one handle: 1
