@@ -196,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
         "every request (FLUSHGATE_OWN_SERVER)",
     )
     serve.add_argument(
+        "--accept-handles",
+        type=int,
+        default=_env("ACCEPT_HANDLES", 8, int),
+        metavar="N",
+        help="with the own server: watch the listening socket with N handles; uvloop accepts one waiting "
+        "connection per handle and turn of the event loop, so a burst of new clients is taken N at a time "
+        "(1: uvloop's own behaviour) (FLUSHGATE_ACCEPT_HANDLES)",
+    )
+    serve.add_argument(
         "--timing-summary",
         action=argparse.BooleanOptionalAction,
         default=_env("TIMING_SUMMARY", False, _bool),
@@ -252,6 +261,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         log_content=args.log_content,
         hop_timing=args.hop_timing,
         own_server=args.own_server,
+        accept_handles=args.accept_handles,
         timing_summary=args.timing_summary,
         engine_timing=args.engine_timing,
         limits=_limits_from_args(args),

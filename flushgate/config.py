@@ -84,6 +84,7 @@ class Config:
     log_content: bool = False
     hop_timing: bool = True
     own_server: bool = True  # the pass-through's plain POSTs on the gateway's own protocol (proxy/front.py)
+    accept_handles: int = 8  # own server: handles on the listening socket, each accepting one per loop turn
     timing_summary: bool = False
     engine_timing: bool = True  # managed engine: join vLLM's per-request spans into the record
     limits: Limits = field(default_factory=Limits)
@@ -105,6 +106,8 @@ class Config:
             raise ConfigError("--engines and --gpus need --model (managed engines)")
         if self.engines < 1:
             raise ConfigError(f"--engines must be at least 1, got {self.engines}")
+        if self.accept_handles < 1:
+            raise ConfigError(f"--accept-handles must be at least 1, got {self.accept_handles}")
         if self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         if self.workers > 1 and self.model is not None:

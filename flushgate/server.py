@@ -40,10 +40,6 @@ from flushgate.recorder import Recorder
 
 HEALTH_CHECK_TIMEOUT_S = 2.0
 BACKLOG = 1024  # connections the kernel queues before they are accepted (256 streams may open at once)
-# Handles watching each listening socket (dups of it). uvloop's libuv accepts one connection per handle and turn of
-# the event loop, and a turn under hundreds of streams takes a while: with one handle the last clients of a
-# 256-connection burst were accepted 130-150 ms after they had connected (docs/bench/README.md).
-ACCEPT_HANDLES = 8
 
 
 class Server:
@@ -240,9 +236,12 @@ class Server:
         listener = await loop.create_server(
             self.front, config.host, config.port, backlog=BACKLOG, reuse_port=reuse_port
         )
+        # More handles on the same socket (dups of it): uvloop's libuv accepts one connection per handle and turn
+        # of the event loop, and a turn under hundreds of streams takes a while. With one handle the last clients
+        # of a 256-connection burst were accepted 130-150 ms after they had connected (docs/scaling.md).
         self._listeners = [listener]
         for sock in listener.sockets:
-            for _ in range(ACCEPT_HANDLES - 1):
+            for _ in range(config.accept_handles - 1):
                 self._listeners.append(await loop.create_server(self.front, sock=sock.dup(), backlog=BACKLOG))
         self.port = listener.sockets[0].getsockname()[1]
 

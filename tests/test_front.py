@@ -14,9 +14,10 @@ import orjson
 import pytest
 from aiohttp import web
 
+from flushgate.cli import main
 from flushgate.config import Access, Config, Limits, Timeouts
 from flushgate.proxy import front
-from flushgate.server import ACCEPT_HANDLES, Server
+from flushgate.server import Server
 from tests.fakes import (
     DONE_EVENT,
     FakeModel,
@@ -450,18 +451,18 @@ async def test_engine_connections_opened_for_clients_that_sent_nothing_are_kept_
 def test_connections_waiting_to_be_accepted_are_taken_several_to_a_turn_of_the_event_loop() -> None:
     """uvloop's libuv accepts one connection per listening handle and turn of the loop. Under a burst a turn is
     long (every stream's chunks are written in it), so one handle made the last of 256 new clients wait ~140 ms
-    to be accepted; the gateway watches its socket with ``ACCEPT_HANDLES`` handles."""
+    to be accepted; the gateway watches its socket with ``--accept-handles`` handles (8)."""
     uvloop = pytest.importorskip("uvloop")
 
-    async def accepted_in_two_turns() -> int:
+    async def accepted_in_two_turns(handles: int) -> int:
         upstream = FakeUpstream()
         await upstream.start()
-        gateway = Server(Config(upstream=upstream.url, port=0))
+        gateway = Server(Config(upstream=upstream.url, port=0, accept_handles=handles))
         await gateway.start()
         clients: list[socket.socket] = []
         try:
             # Blocking connects: the kernel completes each handshake and queues it while the loop runs no turn.
-            clients = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(2 * ACCEPT_HANDLES)]
+            clients = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(16)]
             await asyncio.sleep(0)  # one turn: the waiting connections are accepted
             await asyncio.sleep(0)  # the next: their protocols are told (connection_made)
             assert gateway.front is not None
@@ -472,5 +473,17 @@ def test_connections_waiting_to_be_accepted_are_taken_several_to_a_turn_of_the_e
             await gateway.stop()
             await upstream.stop()
 
-    assert ACCEPT_HANDLES > 1
-    assert uvloop.run(accepted_in_two_turns()) >= ACCEPT_HANDLES  # one handle: 1
+    assert Config().accept_handles == 8
+    assert uvloop.run(accepted_in_two_turns(8)) >= 8
+    # One handle: one at a time (a libuv that accepted in a loop would take all 16, and need no more handles).
+    assert uvloop.run(accepted_in_two_turns(1)) < 8
+
+
+def test_accept_handles_are_read_from_the_command_line_and_must_be_at_least_one(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["serve", "--upstream", "http://127.0.0.1:9", "--accept-handles", "0"]) == 2
+    assert "--accept-handles must be at least 1" in capsys.readouterr().err
+    monkeypatch.setenv("FLUSHGATE_ACCEPT_HANDLES", "0")
+    assert main(["serve", "--upstream", "http://127.0.0.1:9"]) == 2
+    assert "--accept-handles must be at least 1" in capsys.readouterr().err
