@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import shutil
 import sys
 import tempfile
@@ -65,17 +66,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
+    parser.add_argument(
+        "--flushgate-args", default="", help="extra flags for flushgate serve, e.g. '--accept-handles 1'"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     args = parser.parse_args(argv)
+    extra = shlex.split(args.flushgate_args)
     load_cpu, proxy_cpu = pin_load_side()
     results: dict[str, list[dict[str, float | int]]] = {}
     with tempfile.TemporaryDirectory(prefix="flushgate-request-cost-") as tmp:
         workdir = Path(tmp)
         engine = start_engine(workdir, load_cpu)
         starters: dict[str, Callable[[], Target]] = {
-            "flushgate": lambda: start_flushgate(workdir, engine.port, proxy_cpu, None),
+            "flushgate": lambda: start_flushgate(workdir, engine.port, proxy_cpu, None, extra),
             "flushgate --no-own-server": lambda: start_flushgate(
-                workdir, engine.port, proxy_cpu, None, ["--no-own-server"], name="flushgate-aiohttp"
+                workdir, engine.port, proxy_cpu, None, [*extra, "--no-own-server"], name="flushgate-aiohttp"
             ),
         }
         if Path(args.nginx).exists():
@@ -92,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
                         target.stop()
         finally:
             engine.stop()
-    data = {"machine": machine(), "requests": args.requests, "clients": args.clients, "results": results}
+    data = {
+        "machine": machine(),
+        "flushgate_args": args.flushgate_args,
+        "requests": args.requests,
+        "clients": args.clients,
+        "results": results,
+    }
     for name, runs in results.items():
         shown = ", ".join(f"{run['cpu_us_per_request']} µs" for run in runs)
         print(f"{name:28s} CPU per one-token request: {shown} (failed: {sum(int(r['failed']) for r in runs)})")
