@@ -4,7 +4,7 @@
 #   make affinity-measure  prefix affinity against least-outstanding on two real CPU vLLMs (docs/scaling)
 #   make routing-cost      routing work per request at 8, 80 and 800 engines (docs/scaling)
 ENGINES            ?= 4
-ENGINES_BENCH_ARGS ?= --rounds 3
+ENGINES_BENCH_ARGS ?= --rounds 8
 
 .PHONY: bench-engines affinity-measure routing-cost
 
