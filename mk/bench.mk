@@ -53,3 +53,8 @@ bench-request-cost: bench-deps
 .PHONY: bench-first-burst
 bench-first-burst: bench-deps
 	$(PY) -m flushgate.bench.first_burst --out $(BENCH_OUT)/first-burst.json
+
+# Chunk delay p50/p99 by the token's place in its stream (4 engines, 64 streams): where the slowest chunks are.
+.PHONY: bench-chunk-position
+bench-chunk-position: bench-deps
+	$(PY) -m flushgate.bench.chunk_position --out $(BENCH_OUT)/chunk-position.json

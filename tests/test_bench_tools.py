@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import pytest
 
 from flushgate.bench import loadgen
+from flushgate.bench.chunk_position import by_position
 from flushgate.bench.engine import start_engine
 from flushgate.bench.framing import EventSplitter, FramingError, MessageParser, event_data
-from flushgate.bench.loadgen import Recording, Scenario, analyse, fetch_stream, run_scenario
+from flushgate.bench.loadgen import Recording, RequestResult, Scenario, analyse, fetch_stream, run_scenario
 from flushgate.bench.procstat import parse_stat
 from flushgate.bench.report import FLUSHGATE, NGINX, Cell, checks
 from flushgate.bench.runner import rotated
@@ -241,3 +242,15 @@ def test_delay_goal_is_met_within_one_and_a_half_times_nginx_and_not_beyond() ->
     far = {"s": {"engine-direct": _cell(direct), NGINX: _cell([3.0] * 100), FLUSHGATE: _cell([5.0] * 100)}}
     assert checks(near, stress="s", many="s")[0].met is True  # adds 3.0 ms against nginx's 2.0
     assert checks(far, stress="s", many="s")[0].met is False  # adds 4.0 ms against nginx's 2.0
+
+
+def test_chunk_delays_are_split_by_the_tokens_place_and_the_slowest_found_where_they_are() -> None:
+    ms = 1_000_000
+    results = [RequestResult(200, ms, [(i + 1) * ms] + [ms // 2] * 9, 10, True, True, None, None) for i in range(100)]
+    table = by_position(results)
+    assert list(table) == ["token 0", "token 1", "token 2", "tokens 3-5", "token 6 on"]
+    assert table["token 0"] == {"chunks": 100, "p50_ms": 50.5, "p99_ms": 99.01, "share_of_slowest_1pc": 1.0}
+    assert table["token 1"] == {"chunks": 100, "p50_ms": 0.5, "p99_ms": 0.5, "share_of_slowest_1pc": 0.0}
+    assert table["tokens 3-5"]["chunks"] == 300
+    assert table["token 6 on"]["chunks"] == 400
+    assert by_position([]) == {}
