@@ -17,6 +17,8 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 
 class ClientSide(Protocol):
+    opens_at_once: bool  # ``open_now`` can send the answer's head from a read callback
+
     @property
     def method(self) -> str: ...
 
@@ -51,6 +53,13 @@ class ClientSide(Protocol):
         transport's buffer is full, and whether body bytes must be framed as HTTP chunks by the writer."""
         ...
 
+    def open_now(
+        self, status: int, reason: str, headers: CIMultiDict[str]
+    ) -> tuple[asyncio.Transport, Any, bool] | None:
+        """``open`` without waiting, from the engine connection's read callback, where this server can; None (and
+        nothing sent) where it cannot."""
+        ...
+
     async def drain(self) -> None:
         """Wait until the client's socket takes bytes again."""
         ...
@@ -66,6 +75,8 @@ class ClientSide(Protocol):
 
 class AiohttpClient:
     """An aiohttp request and the streamed response that answers it."""
+
+    opens_at_once = False  # aiohttp prepares a response in a coroutine
 
     __slots__ = ("_writer", "body_exists", "content_length", "headers", "method", "path", "remote", "request",
                  "response", "target")  # fmt: skip
@@ -99,6 +110,9 @@ class AiohttpClient:
         if writer is None or transport is None:
             raise ConnectionResetError("the client's connection is closed")
         return transport, self.request.protocol, response.headers.get("Transfer-Encoding") == "chunked"
+
+    def open_now(self, status: int, reason: str, headers: CIMultiDict[str]) -> None:
+        return None
 
     async def drain(self) -> None:
         assert self._writer is not None

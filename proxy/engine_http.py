@@ -72,6 +72,7 @@ class EngineConnection(asyncio.Protocol):
         self._head: asyncio.Future[None] | None = None
         self._event: asyncio.Future[bool] | None = None  # True: the answer ended; False: the client must drain
         self._sink: Sink | None = None
+        self._on_head: Callable[[], Sink | None] | None = None
         self._pieces: list[bytes] = []
         self.complete = False
         self._interim = False
@@ -159,6 +160,9 @@ class EngineConnection(asyncio.Protocol):
         self._until_close = (
             b"content-length" not in names and b"transfer-encoding" not in names and status not in _NO_BODY_STATUSES
         )
+        on_head, self._on_head = self._on_head, None
+        if on_head is not None:  # the body bytes of this very read then go to the sink it returns
+            self._sink = on_head()
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
 
@@ -173,13 +177,23 @@ class EngineConnection(asyncio.Protocol):
 
     # -- the exchange -------------------------------------------------------------------------------------------
 
-    def send(self, head: bytes, body: bytes | None, idle_s: float | None) -> asyncio.Future[None]:
-        """Write a request; the future is done when the answer's head has arrived."""
+    def send(
+        self,
+        head: bytes,
+        body: bytes | None,
+        idle_s: float | None,
+        on_head: Callable[[], Sink | None] | None = None,
+    ) -> asyncio.Future[None]:
+        """Write a request; the future is done when the answer's head has arrived.
+
+        ``on_head``, if given, is called from the read callback the moment the head is in (it must not raise): a
+        sink it returns gets the body from then on, the bytes that came with the head included, a turn of the
+        event loop before the task waiting on the future runs."""
         assert self.transport is not None
         self._parser = httptools.HttpResponseParser(self)
         self.status, self.reason, self._raw_headers, self._pieces = 0, "", [], []
         self.complete = self._interim = self._until_close = False
-        self._sink, self._error, self._event = None, None, None
+        self._sink, self._error, self._event, self._on_head = None, None, None, on_head
         self._head = head_future = self._loop.create_future()
         self._idle_s = idle_s
         self._last_read = self._loop.time()
@@ -252,7 +266,7 @@ class EngineConnection(asyncio.Protocol):
     def park(self) -> None:
         """Between exchanges: any byte the engine sends now is a fault, and the keep-alive clock runs."""
         self._parser = None
-        self._sink = self._head = self._event = None  # nothing of the last exchange is kept alive by the pool
+        self._sink = self._head = self._event = self._on_head = None  # nothing of the exchange is kept by the pool
         self.idle_since = self._loop.time()
 
     @property

@@ -107,6 +107,8 @@ class Front:
 class FrontRequest:
     """One request taken by the front: the pass-through's view of the client (``ClientSide``)."""
 
+    opens_at_once = True  # the answer's head is one write on the client's transport
+
     __slots__ = ("_conn", "_cors", "body", "body_exists", "chunked", "content_length", "cut_off", "headers", "method",
                  "opened", "path", "remote", "target")  # fmt: skip
 
@@ -137,6 +139,9 @@ class FrontRequest:
         yield self.body  # the front reads every body whole before the exchange begins
 
     async def open(self, status: int, reason: str, headers: CIMultiDict[str]) -> tuple[asyncio.Transport, Any, bool]:
+        return self.open_now(status, reason, headers)
+
+    def open_now(self, status: int, reason: str, headers: CIMultiDict[str]) -> tuple[asyncio.Transport, Any, bool]:
         conn = self._conn
         transport = conn.transport
         if transport is None or transport.is_closing():

@@ -1,7 +1,8 @@
 """The hot path: forward a request to an engine and stream the answer back, chunk by chunk, untouched.
 
 The request goes out on one of the gateway's own connections to the engine (proxy/engine_http.py). Once the
-answer's head is in, each read of the engine's socket is handed to ``ClientSink.write`` in the read callback:
+answer's head is in (for the gateway's own server, opened on the client's side in that same read callback:
+``_EarlyHead``), each read of the engine's socket is handed to ``ClientSink.write`` in the read callback:
 stamp the time, write it to the client, note how long the write took. Nothing is parsed beyond HTTP's own framing,
 joined across reads or held back (the only look inside is a short pattern search for the first generated token,
 and only until it is found). When the client's socket is full, reading from the engine pauses until it drains,
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import orjson
@@ -28,6 +29,7 @@ from flushgate.proxy.engine_http import (
     EngineConnection,
     EngineConnectTimeout,
     EngineIdle,
+    Sink,
     request_head,
 )
 from flushgate.proxy.errors import error_response, terminal_event
@@ -160,7 +162,9 @@ async def _attempt(
         data, stream, framed, framing = _outgoing(client, record, gateway, headers, body)
         host = engines.address(base).host_header
         request_bytes = request_head(client.method, client.target, host, headers, framing)
-        head = conn.send(request_bytes, data, gateway.timeouts.idle)
+        early = _EarlyHead() if client.opens_at_once and stream is None and client.method != "HEAD" else None
+        on_head = None if early is None else early.handler(client, conn, gateway, record, member, tried, body)
+        head = conn.send(request_bytes, data, gateway.timeouts.idle, on_head)
         if stream is not None:
             uploading = asyncio.ensure_future(conn.send_stream(stream, framed))
             await asyncio.wait((head, uploading), return_when=asyncio.FIRST_COMPLETED)
@@ -181,8 +185,12 @@ async def _attempt(
                 message = f"nothing reached the engine for {gateway.timeouts.idle:g} s before the body's end"
                 return _body_stalled(record, BodyStalled(message))
             return _failed_before_answer(router, member, record, body, tried, exc)
-        router.answered(member, conn.status)
-        if router.retries_status(member, conn.status, record.failover, [*tried, member], _replayable(body)):
+        if early is not None and early.ran:  # the read callback has already acted on the head
+            if early.retry:
+                return False
+            await _relay(client, conn, gateway, record, early.opened)
+            return None
+        if _retried(router, member, conn, record, tried, body):
             return False
         if client.method == "HEAD":
             conn.end_without_body()
@@ -198,6 +206,62 @@ async def _attempt(
             engines.release(conn)
         else:
             conn.abort()
+
+
+def _retried(
+    router: Router,
+    member: EngineMember,
+    conn: EngineConnection,
+    record: RequestRecord,
+    tried: list[EngineMember],
+    body: OutgoingBody | None,
+) -> bool:
+    """The answer's head is in: the engine's health notes its status, and True if that status sends the request
+    on to another engine (502/503/504 while one is left and the body can be sent again)."""
+    router.answered(member, conn.status)
+    return router.retries_status(member, conn.status, record.failover, [*tried, member], _replayable(body))
+
+
+class _EarlyHead:
+    """The answer's head acted on in the engine connection's read callback, where the client's answer can open
+    without waiting (the front's clients): the head and the body bytes that came with it go out in that callback,
+    not a turn of the event loop later, when the relaying task runs (under a burst of new requests, a long turn)."""
+
+    __slots__ = ("opened", "ran", "retry")
+
+    def __init__(self) -> None:
+        self.ran = False
+        self.retry = False
+        self.opened: ClientSink | BaseException | None = None  # the sink, or what opening the answer raised
+
+    def handler(
+        self,
+        client: ClientSide,
+        conn: EngineConnection,
+        gateway: Gateway,
+        record: RequestRecord,
+        member: EngineMember,
+        tried: list[EngineMember],
+        body: OutgoingBody | None,
+    ) -> Callable[[], Sink | None]:
+        router = gateway.router
+        assert router is not None
+
+        def on_head() -> Sink | None:
+            self.ran = True
+            try:
+                if _retried(router, member, conn, record, tried, body):
+                    self.retry = True
+                    return None
+                headers, kind = _answer_head(conn, record)
+                sink = _sink(client.open_now(conn.status, conn.reason, headers), conn, gateway, record, kind)
+            except Exception as exc:  # never into the parser's callback: the relaying task meets it
+                self.opened = exc
+                return None
+            self.opened = sink
+            return sink.write
+
+        return on_head
 
 
 def _outgoing(
@@ -320,7 +384,8 @@ async def _request_body(client: ClientSide, record: RequestRecord, gateway: Gate
         record.content = {"request": kept.decode("utf-8", "replace")}
 
 
-async def _relay(client: ClientSide, conn: EngineConnection, gateway: Gateway, record: RequestRecord) -> None:
+def _answer_head(conn: EngineConnection, record: RequestRecord) -> tuple[CIMultiDict[str], StreamKind | None]:
+    """The head of the client's answer, once the engine's is in, and what kind of stream follows."""
     timings = record.timings
     timings.upstream_headers = now()
     record.status = conn.status
@@ -329,19 +394,49 @@ async def _relay(client: ClientSide, conn: EngineConnection, gateway: Gateway, r
     record.stream = kind is not None
     headers = client_response_headers(upstream_headers, record.request_id)
     headers["Server-Timing"] = _server_timing(timings)
+    return headers, kind
+
+
+def _sink(
+    opened: tuple[asyncio.Transport, Any, bool] | None,
+    conn: EngineConnection,
+    gateway: Gateway,
+    record: RequestRecord,
+    kind: StreamKind | None,
+) -> ClientSink:
+    if opened is None:
+        raise RuntimeError("the client's answer cannot be opened without waiting")
+    transport, flow, chunked = opened
+    return ClientSink(
+        transport,
+        flow,
+        conn,
+        record.timings,
+        kind=kind,
+        hops=gateway.hop_timing,
+        chunked=chunked,
+        keep=gateway.log_content,
+    )
+
+
+async def _relay(
+    client: ClientSide,
+    conn: EngineConnection,
+    gateway: Gateway,
+    record: RequestRecord,
+    early: ClientSink | BaseException | None = None,
+) -> None:
+    """The answer's body to the client until it ends; ``early``: the answer was opened in the read callback."""
     sink: ClientSink | None = None
     try:
-        transport, flow, chunked = await client.open(conn.status, conn.reason, headers)
-        sink = ClientSink(
-            transport,
-            flow,
-            conn,
-            timings,
-            kind=kind,
-            hops=gateway.hop_timing,
-            chunked=chunked,
-            keep=gateway.log_content,
-        )
+        if isinstance(early, BaseException):
+            raise early
+        if early is None:
+            headers, kind = _answer_head(conn, record)
+            sink = _sink(await client.open(conn.status, conn.reason, headers), conn, gateway, record, kind)
+        else:
+            sink = early
+        kind = sink.kind
         event = conn.attach(sink.write)
         while True:
             try:
@@ -394,6 +489,7 @@ class ClientSink:
         "_token_seen",
         "_transport",
         "kept",
+        "kind",
         "last",
     )
 
@@ -409,6 +505,7 @@ class ClientSink:
         chunked: bool,
         keep: bool,
     ) -> None:
+        self.kind = kind
         self._transport = transport
         self._protocol = protocol  # aiohttp's server protocol: ``writing_paused`` is the transport's own signal
         self._conn = conn

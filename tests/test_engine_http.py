@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import aiohttp
 import orjson
@@ -17,6 +18,7 @@ from aiohttp.http_exceptions import TransferEncodingError
 
 from flushgate.config import Config, Timeouts
 from flushgate.proxy import passthrough
+from flushgate.proxy.engine_http import EngineConnection, EngineConnections
 from flushgate.server import Server
 
 GUARD_S = 10
@@ -257,3 +259,54 @@ async def test_a_client_body_that_fails_mid_upload_is_a_400_and_the_engine_reque
             break
         await asyncio.sleep(0)
     assert engine.leftovers == [b"5\r\nhello\r\n"]  # what was read went on; then the connection was dropped
+
+
+class _Recorded:
+    """The engine connection's transport, keeping what is written."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_a_head_handler_runs_in_the_read_callback_and_its_sink_gets_the_body_that_came_with_the_head() -> None:
+    conn = EngineConnection("http://engine", EngineConnections(5.0))
+    conn.connection_made(cast(asyncio.Transport, _Recorded()))
+    heads: list[int] = []
+    body: list[bytes] = []
+
+    def on_head() -> Callable[[bytes], None]:
+        heads.append(conn.status)
+        return body.append
+
+    head = conn.send(b"POST /v1/completions HTTP/1.1\r\n\r\n", None, None, on_head)
+    conn.data_received(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n")
+    assert heads == []  # an interim answer is not the answer
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    assert heads == [200]  # called once, from within the read that brought the head
+    assert body == [b"hello"]  # and the body of that read already went to its sink
+    assert head.done()
+    assert not conn.complete
+    conn.data_received(b"1\r\n!\r\n0\r\n\r\n")
+    assert body == [b"hello", b"!"]
+    assert conn.complete
+
+
+async def test_a_head_handler_that_returns_no_sink_leaves_the_body_for_the_task() -> None:
+    conn = EngineConnection("http://engine", EngineConnections(5.0))
+    conn.connection_made(cast(asyncio.Transport, _Recorded()))
+    head = conn.send(b"POST /v1/completions HTTP/1.1\r\n\r\n", None, None, lambda: None)
+    conn.data_received(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy")
+    await head
+    body: list[bytes] = []
+    ended = conn.attach(body.append)
+    assert body == [b"busy"]
+    assert await ended

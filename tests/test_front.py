@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -487,3 +489,30 @@ def test_accept_handles_are_read_from_the_command_line_and_must_be_at_least_one(
     monkeypatch.setenv("FLUSHGATE_ACCEPT_HANDLES", "0")
     assert main(["serve", "--upstream", "http://127.0.0.1:9"]) == 2
     assert "--accept-handles must be at least 1" in capsys.readouterr().err
+
+
+async def test_the_answer_opens_in_the_read_of_the_engines_head_and_its_first_bytes_go_with_it(
+    fake: FakeUpstream,
+    gateway: Server,
+    connection: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client's answer is opened from the engine connection's read callback, not a turn of the event loop
+    later when the relaying task runs (a long turn under a burst of new requests)."""
+    opened_in: list[str] = []
+    open_now = front.FrontRequest.open_now
+
+    def noting(self: front.FrontRequest, *args: Any) -> tuple[asyncio.Transport, Any, bool]:
+        opened_in.extend(f.function for f in inspect.stack()[1:4])
+        return open_now(self, *args)
+
+    monkeypatch.setattr(front.FrontRequest, "open_now", noting)
+    release = asyncio.Event()
+    fake.handler = held_stream(release, chat_event("first"), DONE_EVENT)
+    reader, writer = connection
+    writer.write(post_bytes())
+    await asyncio.wait_for(reader.readuntil(b"first"), GUARD_S)  # the engine still holds the rest
+    release.set()
+    await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), GUARD_S)
+    assert "on_headers_complete" in opened_in  # llhttp's callback for the head, inside the engine's read
+    assert stats(gateway) == (1, 0)
