@@ -57,4 +57,4 @@ bench-first-burst: bench-deps
 # Chunk delay p50/p99 by the token's place in its stream (4 engines, 64 streams): where the slowest chunks are.
 .PHONY: bench-chunk-position
 bench-chunk-position: bench-deps
-	$(PY) -m flushgate.bench.chunk_position --out $(BENCH_OUT)/chunk-position.json
+	$(PY) -m flushgate.bench.chunk_position --out $(BENCH_OUT)/chunk-position/latest.json
