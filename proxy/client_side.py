@@ -53,11 +53,8 @@ class ClientSide(Protocol):
         transport's buffer is full, and whether body bytes must be framed as HTTP chunks by the writer."""
         ...
 
-    def open_now(
-        self, status: int, reason: str, headers: CIMultiDict[str]
-    ) -> tuple[asyncio.Transport, Any, bool] | None:
-        """``open`` without waiting, from the engine connection's read callback, where this server can; None (and
-        nothing sent) where it cannot."""
+    def open_now(self, status: int, reason: str, headers: CIMultiDict[str]) -> tuple[asyncio.Transport, Any, bool]:
+        """``open`` without waiting, from the engine connection's read callback; only where ``opens_at_once``."""
         ...
 
     async def drain(self) -> None:
@@ -111,8 +108,8 @@ class AiohttpClient:
             raise ConnectionResetError("the client's connection is closed")
         return transport, self.request.protocol, response.headers.get("Transfer-Encoding") == "chunked"
 
-    def open_now(self, status: int, reason: str, headers: CIMultiDict[str]) -> None:
-        return None
+    def open_now(self, status: int, reason: str, headers: CIMultiDict[str]) -> tuple[asyncio.Transport, Any, bool]:
+        raise RuntimeError("aiohttp's response is prepared in a coroutine: use open")
 
     async def drain(self) -> None:
         assert self._writer is not None

@@ -185,7 +185,7 @@ async def _attempt(
                 message = f"nothing reached the engine for {gateway.timeouts.idle:g} s before the body's end"
                 return _body_stalled(record, BodyStalled(message))
             return _failed_before_answer(router, member, record, body, tried, exc)
-        if early is not None and early.ran:  # the read callback has already acted on the head
+        if early is not None and early.ran:  # the read callback has acted on the head
             if early.retry:
                 return False
             await _relay(client, conn, gateway, record, early.opened)
@@ -227,12 +227,15 @@ class _EarlyHead:
     without waiting (the front's clients): the head and the body bytes that came with it go out in that callback,
     not a turn of the event loop later, when the relaying task runs (under a burst of new requests, a long turn)."""
 
-    __slots__ = ("opened", "ran", "retry")
+    __slots__ = ("opened", "retry")
 
     def __init__(self) -> None:
-        self.ran = False
-        self.retry = False
+        self.retry = False  # the status sends the request to another engine
         self.opened: ClientSink | BaseException | None = None  # the sink, or what opening the answer raised
+
+    @property
+    def ran(self) -> bool:
+        return self.retry or self.opened is not None
 
     def handler(
         self,
@@ -248,7 +251,6 @@ class _EarlyHead:
         assert router is not None
 
         def on_head() -> Sink | None:
-            self.ran = True
             try:
                 if _retried(router, member, conn, record, tried, body):
                     self.retry = True
@@ -398,14 +400,12 @@ def _answer_head(conn: EngineConnection, record: RequestRecord) -> tuple[CIMulti
 
 
 def _sink(
-    opened: tuple[asyncio.Transport, Any, bool] | None,
+    opened: tuple[asyncio.Transport, Any, bool],
     conn: EngineConnection,
     gateway: Gateway,
     record: RequestRecord,
     kind: StreamKind | None,
 ) -> ClientSink:
-    if opened is None:
-        raise RuntimeError("the client's answer cannot be opened without waiting")
     transport, flow, chunked = opened
     return ClientSink(
         transport,
