@@ -116,6 +116,7 @@ class EngineConnection(asyncio.Protocol):
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
         parser, self._parser = self._parser, None  # the parser refers back to this protocol: no cycle is left
+        self._on_head = None  # nor the head's handler, which holds this connection, when no head came
         if parser is None or self.complete:
             return
         head = self._head
