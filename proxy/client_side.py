@@ -8,12 +8,23 @@ interface only, so both run the same forwarding code.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NamedTuple, Protocol
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+
+
+class Opened(NamedTuple):
+    """The client's answer, opened: where its body goes and how."""
+
+    transport: asyncio.Transport
+    flow: Any  # the protocol whose ``writing_paused`` says the transport's buffer is full
+    chunked: bool  # body bytes must be framed as HTTP chunks by the writer
+    head: bytes = b""  # the answer's head, when it is left to go out with the first body bytes (one write)
+    ending: bytes = b""  # what closes the body (the last chunk), when the writer may send it with the last bytes
+    ended: Callable[[], None] | None = None  # told once the writer has sent ``ending``
 
 
 class ClientSide(Protocol):
@@ -48,12 +59,11 @@ class ClientSide(Protocol):
         """The body as it arrives, for a body not read before the exchange began."""
         ...
 
-    async def open(self, status: int, reason: str, headers: CIMultiDict[str]) -> tuple[asyncio.Transport, Any, bool]:
-        """Send the answer's head. Returns the client's transport, the protocol whose ``writing_paused`` says the
-        transport's buffer is full, and whether body bytes must be framed as HTTP chunks by the writer."""
+    async def open(self, status: int, reason: str, headers: CIMultiDict[str]) -> Opened:
+        """Open the answer: its head is sent, or left in ``Opened.head`` for the writer's first write."""
         ...
 
-    def open_now(self, status: int, reason: str, headers: CIMultiDict[str]) -> tuple[asyncio.Transport, Any, bool]:
+    def open_now(self, status: int, reason: str, headers: CIMultiDict[str]) -> Opened:
         """``open`` without waiting, from the engine connection's read callback; only where ``opens_at_once``."""
         ...
 
@@ -100,15 +110,15 @@ class AiohttpClient:
         assert self.response is not None
         return self.response
 
-    async def open(self, status: int, reason: str, headers: CIMultiDict[str]) -> tuple[asyncio.Transport, Any, bool]:
+    async def open(self, status: int, reason: str, headers: CIMultiDict[str]) -> Opened:
         response = self.response = web.StreamResponse(status=status, reason=reason or None, headers=headers)
         writer = self._writer = await response.prepare(self.request)
         transport = self.request.transport
         if writer is None or transport is None:
             raise ConnectionResetError("the client's connection is closed")
-        return transport, self.request.protocol, response.headers.get("Transfer-Encoding") == "chunked"
+        return Opened(transport, self.request.protocol, response.headers.get("Transfer-Encoding") == "chunked")
 
-    def open_now(self, status: int, reason: str, headers: CIMultiDict[str]) -> tuple[asyncio.Transport, Any, bool]:
+    def open_now(self, status: int, reason: str, headers: CIMultiDict[str]) -> Opened:
         raise RuntimeError("aiohttp's response is prepared in a coroutine: use open")
 
     async def drain(self) -> None:

@@ -26,7 +26,7 @@ from multidict import CIMultiDict
 from flushgate.proxy.headers import message_head
 from flushgate.timings import RequestTimings, now
 
-Sink = Callable[[bytes], None]  # takes the body bytes of one read; must not block
+Sink = Callable[[bytes, bool], None]  # the body bytes of one read, and whether the answer is complete; never blocks
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
@@ -74,6 +74,7 @@ class EngineConnection(asyncio.Protocol):
         self._sink: Sink | None = None
         self._on_head: Callable[[], Sink | None] | None = None
         self._pieces: list[bytes] = []
+        self._sink_fresh = False  # a sink was just given: it is called once even without body bytes
         self.complete = False
         self._interim = False
         self._until_close = False
@@ -148,6 +149,8 @@ class EngineConnection(asyncio.Protocol):
         self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.complete:  # the head of bytes after the answer: nothing of it is taken
+            return
         parser = self._parser
         assert parser is not None
         status = parser.get_status_code()
@@ -164,11 +167,13 @@ class EngineConnection(asyncio.Protocol):
         on_head, self._on_head = self._on_head, None
         if on_head is not None:  # the body bytes of this very read then go to the sink it returns
             self._sink = on_head()
+            self._sink_fresh = self._sink is not None
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        self._pieces.append(body)
+        if not self.complete:  # bytes after the answer are not part of it (the connection is then not reused)
+            self._pieces.append(body)
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -195,6 +200,7 @@ class EngineConnection(asyncio.Protocol):
         self.status, self.reason, self._raw_headers, self._pieces = 0, "", [], []
         self.complete = self._interim = self._until_close = False
         self._sink, self._error, self._event, self._on_head = None, None, None, on_head
+        self._sink_fresh = False
         self._head = head_future = self._loop.create_future()
         self._idle_s = idle_s
         self._last_read = self._loop.time()
@@ -229,6 +235,7 @@ class EngineConnection(asyncio.Protocol):
         True when the body has ended, False when the client's socket is full (drain, then ``resume``), and
         raises ``EngineBroken`` or ``EngineIdle`` if the answer cannot complete."""
         self._sink = sink
+        self._sink_fresh = True
         self._flush()
         return self.next_event()
 
@@ -287,8 +294,10 @@ class EngineConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         pieces = self._pieces
-        if pieces and self._sink is not None:
-            self._sink(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        sink = self._sink
+        if sink is not None and (pieces or self.complete or self._sink_fresh):
+            self._sink_fresh = False
+            sink(pieces[0] if len(pieces) == 1 else b"".join(pieces), self.complete)
             pieces.clear()
 
     def _end(self) -> None:

@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, cast
+from typing import cast
 from urllib.parse import unquote
 
 import httptools
@@ -29,6 +29,7 @@ from multidict import CIMultiDict
 
 from flushgate.proxy import body as outgoing_body
 from flushgate.proxy.auth import bearer_token
+from flushgate.proxy.client_side import Opened
 from flushgate.proxy.cors import CorsPolicy
 from flushgate.proxy.errors import error_response
 from flushgate.proxy.headers import message_head
@@ -43,6 +44,7 @@ from flushgate.timings import now
 BODY_CAP = 1 << 20  # larger bodies go to aiohttp's server, which streams them on instead of reading them first
 FORWARDED_PATHS = frozenset({b"/tokenize", b"/detokenize"})  # and every path under /v1/ (proxy/app.py)
 _NO_BODY = frozenset({204, 304})
+_LAST_CHUNK = b"0\r\n\r\n"
 # Request headers that need a rule of aiohttp's server (or the CORS guard's) to be answered right.
 _HANDED_OVER_HEADERS = frozenset({b"origin", b"expect", b"transfer-encoding", b"upgrade"})
 Refusal = tuple[int, str, str]  # status, message, code of a request the front answers while reading it
@@ -109,8 +111,22 @@ class FrontRequest:
 
     opens_at_once = True  # the answer's head is one write on the client's transport
 
-    __slots__ = ("_conn", "_cors", "body", "body_exists", "chunked", "content_length", "cut_off", "headers", "method",
-                 "opened", "path", "remote", "target")  # fmt: skip
+    __slots__ = (
+        "_conn",
+        "_cors",
+        "body",
+        "body_exists",
+        "chunked",
+        "content_length",
+        "cut_off",
+        "ended",
+        "headers",
+        "method",
+        "opened",
+        "path",
+        "remote",
+        "target",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -133,15 +149,18 @@ class FrontRequest:
         self.body_exists = bool(body)
         self.chunked = False
         self.opened = False
+        self.ended = False  # the last chunk is out
         self.cut_off = False
 
     async def body_chunks(self) -> AsyncIterator[bytes]:
         yield self.body  # the front reads every body whole before the exchange begins
 
-    async def open(self, status: int, reason: str, headers: CIMultiDict[str]) -> tuple[asyncio.Transport, Any, bool]:
+    async def open(self, status: int, reason: str, headers: CIMultiDict[str]) -> Opened:
         return self.open_now(status, reason, headers)
 
-    def open_now(self, status: int, reason: str, headers: CIMultiDict[str]) -> tuple[asyncio.Transport, Any, bool]:
+    def open_now(self, status: int, reason: str, headers: CIMultiDict[str]) -> Opened:
+        """The head goes out with the first body bytes and the last chunk with the last ones, each pair in one
+        write (one system call, one TCP segment), by the writer the relay gives it to."""
         conn = self._conn
         transport = conn.transport
         if transport is None or transport.is_closing():
@@ -153,9 +172,18 @@ class FrontRequest:
             headers[hdrs.TRANSFER_ENCODING] = "chunked"
         if not conn.keep_alive:
             headers[hdrs.CONNECTION] = "close"
-        transport.write(_head(status, reason, headers))
         self.opened = True
-        return transport, conn, self.chunked
+        ending = _LAST_CHUNK if self.chunked else b""
+        return Opened(transport, conn, self.chunked, _head(status, reason, headers), ending, self._body_ended)
+
+    def _body_ended(self) -> None:
+        self.ended = True
+
+    def finish(self) -> None:
+        """The answer's body is complete: its last chunk, unless its writer already sent it."""
+        if self.opened and not self.cut_off and self.chunked and not self.ended:
+            self.ended = True
+            self._conn.write(_LAST_CHUNK)
 
     async def drain(self) -> None:
         await self._conn.drain()
@@ -217,7 +245,7 @@ class ClientConnection(asyncio.Protocol):
         if self._refused:
             return
         self._raw += data
-        if self._task is not None:  # the client sent on before its answer ended: aiohttp takes it from there
+        if self._task is not None:  # the client sent on before its answer ended: read once it has
             if len(self._raw) > BODY_CAP and self.transport is not None:
                 self.transport.pause_reading()  # until then, the socket holds the rest
             return
@@ -379,8 +407,8 @@ class ClientConnection(asyncio.Protocol):
                 answer = await exchange(request, front.gateway, request.body, started, body_done)
             if answer is not None:
                 self._reply(answer)
-            elif request.opened and not request.cut_off and request.chunked:
-                self._write(b"0\r\n\r\n")
+            else:
+                request.finish()
             finished = (request.opened and not request.cut_off) or answer is not None
         except asyncio.CancelledError:
             pass  # the client's connection is gone
@@ -401,8 +429,12 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         self._arm_timer()
-        if self._raw:
-            self._hand_over()
+        if self._raw:  # the client sent on before its answer ended (it may, once the last chunk is out)
+            sent_on = bytes(self._raw)
+            self._raw.clear()
+            if not transport.is_reading():
+                transport.resume_reading()
+            self.data_received(sent_on)
 
     def _reply(self, response: web.Response) -> None:
         body = cast(bytes, response.body or b"")
@@ -411,9 +443,9 @@ class ClientConnection(asyncio.Protocol):
         headers[hdrs.CONTENT_LENGTH] = str(len(body))
         if not self.keep_alive:
             headers[hdrs.CONNECTION] = "close"
-        self._write(_head(response.status, response.reason, headers) + body)
+        self.write(_head(response.status, response.reason, headers) + body)
 
-    def _write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Literal
 
 import orjson
 from aiohttp import web
@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 
 from flushgate.proxy.affinity import affinity_key
 from flushgate.proxy.body import BodyStalled, OutgoingBody, arriving, read_ahead
-from flushgate.proxy.client_side import AiohttpClient, ClientSide
+from flushgate.proxy.client_side import AiohttpClient, ClientSide, Opened
 from flushgate.proxy.engine_http import (
     EngineBroken,
     EngineConnectError,
@@ -256,7 +256,7 @@ class _EarlyHead:
                     self.retry = True
                     return None
                 headers, kind = _answer_head(conn, record)
-                sink = _sink(client.open_now(conn.status, conn.reason, headers), conn, gateway, record, kind)
+                sink = _sink(client.open_now(conn.status, conn.reason, headers), client, conn, gateway, record, kind)
             except Exception as exc:  # never into the parser's callback: the relaying task meets it
                 self.opened = exc
                 return None
@@ -400,22 +400,23 @@ def _answer_head(conn: EngineConnection, record: RequestRecord) -> tuple[CIMulti
 
 
 def _sink(
-    opened: tuple[asyncio.Transport, Any, bool],
+    opened: Opened,
+    client: ClientSide,
     conn: EngineConnection,
     gateway: Gateway,
     record: RequestRecord,
     kind: StreamKind | None,
 ) -> ClientSink:
-    transport, flow, chunked = opened
+    # The body's end goes with its last bytes unless the timing comment is still to come after them.
+    comment = kind == "sse" and (gateway.timing_summary or client.headers.get(TIMING_OPT_IN) == "summary")
     return ClientSink(
-        transport,
-        flow,
+        opened,
         conn,
         record.timings,
         kind=kind,
         hops=gateway.hop_timing,
-        chunked=chunked,
         keep=gateway.log_content,
+        ends=not comment,
     )
 
 
@@ -433,7 +434,7 @@ async def _relay(
             raise early
         if early is None:
             headers, kind = _answer_head(conn, record)
-            sink = _sink(await client.open(conn.status, conn.reason, headers), conn, gateway, record, kind)
+            sink = _sink(await client.open(conn.status, conn.reason, headers), client, conn, gateway, record, kind)
         else:
             sink = early
         kind = sink.kind
@@ -469,7 +470,9 @@ class ClientSink:
 
     The hot path: stamp the arrival, write (framing it as one HTTP chunk when the client's answer is chunked),
     note how long the write took. A write never waits; when the client's socket is full, reading from the engine
-    pauses (``conn.pause``) and the relaying task drains the client's side before reading resumes.
+    pauses (``conn.pause``) and the relaying task drains the client's side before reading resumes. The answer's
+    head, where the client's server left it to the sink, goes with the first write, and its ending (the last
+    chunk) with the read that ends the engine's answer: one write each, not two.
     """
 
     __slots__ = (
@@ -477,8 +480,11 @@ class ClientSink:
         "_blocked",
         "_chunked",
         "_conn",
+        "_ended",
+        "_ending",
         "_events",
         "_fast",
+        "_head",
         "_hops",
         "_last_slow",
         "_last_took",
@@ -495,25 +501,27 @@ class ClientSink:
 
     def __init__(
         self,
-        transport: asyncio.Transport,
-        protocol: Any,
+        opened: Opened,
         conn: EngineConnection,
         timings: RequestTimings,
         *,
         kind: StreamKind | None,
         hops: bool,
-        chunked: bool,
         keep: bool,
+        ends: bool = True,
     ) -> None:
         self.kind = kind
-        self._transport = transport
-        self._protocol = protocol  # aiohttp's server protocol: ``writing_paused`` is the transport's own signal
+        self._transport = opened.transport
+        self._protocol = opened.flow  # the server's protocol: ``writing_paused`` is the transport's own signal
+        self._chunked = opened.chunked
+        self._head = opened.head
+        self._ending = opened.ending if ends else b""
+        self._ended = opened.ended
         self._conn = conn
         self._timings = timings
         self._arrived = timings.arrivals.append
         self._slow = timings.slow_chunks.append
         self._hops = hops
-        self._chunked = chunked
         self._separator = b"\n\n" if kind == "sse" else b"\n"
         self._token_seen = kind is None or not hops  # only event streams are searched for their first token
         self.kept = bytearray() if keep else None
@@ -525,16 +533,26 @@ class ClientSink:
         self._last_took = 0.0
         self._last_slow = False
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes, ends: bool) -> None:
+        """``chunk``: the body bytes of one read (none where it brought only the head or the end);
+        ``ends``: the engine's answer is complete."""
         transport = self._transport
         if transport.is_closing():  # the client has gone; its handler is being cancelled
             self._conn.pause()
+            return
+        if not chunk:
+            self._write_bare(ends)
             return
         self.last = chunk
         self._timings.bytes_out += len(chunk)
         if self.kept is not None and len(self.kept) < CONTENT_CAP:
             self.kept += chunk[: CONTENT_CAP - len(self.kept)]
         data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk
+        if self._head:
+            data = self._head + data
+            self._head = b""
+        if ends and self._ending:
+            data += self._close()
         if not self._hops:
             transport.write(data)
         else:
@@ -556,6 +574,21 @@ class ClientSink:
                 self._token_seen = True
         if self._protocol.writing_paused:
             self._conn.pause()
+
+    def _write_bare(self, ends: bool) -> None:
+        """A read without body bytes: the head still to send, and the ending if the answer is complete."""
+        data = self._head + (self._close() if ends else b"")
+        self._head = b""
+        if data:
+            self._transport.write(data)
+            if self._protocol.writing_paused:
+                self._conn.pause()
+
+    def _close(self) -> bytes:
+        ending, self._ending = self._ending, b""
+        if ending and self._ended is not None:
+            self._ended()
+        return ending
 
     def blocked_for(self, seconds: float) -> None:
         """The client kept the stream waiting: added to the write that filled its socket."""

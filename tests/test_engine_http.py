@@ -18,8 +18,10 @@ from aiohttp.http_exceptions import TransferEncodingError
 
 from flushgate.config import Config, Timeouts
 from flushgate.proxy import passthrough
+from flushgate.proxy.client_side import Opened
 from flushgate.proxy.engine_http import EngineConnection, EngineConnections
 from flushgate.server import Server
+from flushgate.timings import RequestTimings
 
 GUARD_S = 10
 Answer = Callable[[asyncio.StreamWriter], "asyncio.Future[None] | None"]
@@ -281,23 +283,37 @@ async def test_a_head_handler_runs_in_the_read_callback_and_its_sink_gets_the_bo
     conn = EngineConnection("http://engine", EngineConnections(5.0))
     conn.connection_made(cast(asyncio.Transport, _Recorded()))
     heads: list[int] = []
-    body: list[bytes] = []
+    body: list[tuple[bytes, bool]] = []
 
-    def on_head() -> Callable[[bytes], None]:
+    def on_head() -> Callable[[bytes, bool], None]:
         heads.append(conn.status)
-        return body.append
+        return lambda data, ends: body.append((data, ends))
 
     head = conn.send(b"POST /v1/completions HTTP/1.1\r\n\r\n", None, None, on_head)
     conn.data_received(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n")
     assert heads == []  # an interim answer is not the answer
     conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
     assert heads == [200]  # called once, from within the read that brought the head
-    assert body == [b"hello"]  # and the body of that read already went to its sink
+    assert body == [(b"hello", False)]  # and the body of that read already went to its sink
     assert head.done()
     assert not conn.complete
     conn.data_received(b"1\r\n!\r\n0\r\n\r\n")
-    assert body == [b"hello", b"!"]
+    assert body == [(b"hello", False), (b"!", True)]  # the read that ends the answer says so
     assert conn.complete
+
+
+async def test_a_sink_is_called_for_a_read_with_the_head_alone_and_for_one_with_the_end_alone() -> None:
+    """The client's head waits in the sink for a write, and its last chunk for the end: both reads reach it."""
+    conn = EngineConnection("http://engine", EngineConnections(5.0))
+    conn.connection_made(cast(asyncio.Transport, _Recorded()))
+    body: list[tuple[bytes, bool]] = []
+    conn.send(b"POST /v1/completions HTTP/1.1\r\n\r\n", None, None, lambda: lambda d, e: body.append((d, e)))
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert body == [(b"", False)]
+    conn.data_received(b"2\r\nhi\r\n")
+    conn.data_received(b"0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra")
+    assert body == [(b"", False), (b"hi", False), (b"", True)]  # nothing after the answer's end goes on
+    assert not conn.reusable  # and a connection out of step with its requests is not used again
 
 
 async def test_a_head_handler_that_returns_no_sink_leaves_the_body_for_the_task() -> None:
@@ -306,7 +322,47 @@ async def test_a_head_handler_that_returns_no_sink_leaves_the_body_for_the_task(
     head = conn.send(b"POST /v1/completions HTTP/1.1\r\n\r\n", None, None, lambda: None)
     conn.data_received(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy")
     await head
-    body: list[bytes] = []
-    ended = conn.attach(body.append)
-    assert body == [b"busy"]
+    body: list[tuple[bytes, bool]] = []
+    ended = conn.attach(lambda data, ends: body.append((data, ends)))
+    assert body == [(b"busy", True)]
     assert await ended
+
+
+class _Flow:
+    writing_paused = False
+
+
+def _client_sink(written: _Recorded, ended: list[bool], *, ends: bool = True) -> passthrough.ClientSink:
+    conn = EngineConnection("http://engine", EngineConnections(5.0))
+    opened = Opened(
+        cast(asyncio.Transport, written), _Flow(), True, b"HEAD\r\n\r\n", b"0\r\n\r\n", lambda: ended.append(True)
+    )
+    return passthrough.ClientSink(opened, conn, RequestTimings(start=0.0), kind="sse", hops=True, keep=False, ends=ends)
+
+
+async def test_a_short_answer_goes_to_the_client_in_one_write_head_body_and_last_chunk() -> None:
+    written, ended = _Recorded(), list[bool]()
+    _client_sink(written, ended).write(b"data: x\n\n", True)
+    assert written.written == [b"HEAD\r\n\r\n9\r\ndata: x\n\n\r\n0\r\n\r\n"]
+    assert ended == [True]  # the client's server is told, so it does not end the answer again
+
+
+async def test_the_head_goes_with_the_first_body_bytes_and_the_last_chunk_with_the_read_that_ends_the_answer() -> None:
+    written, ended = _Recorded(), list[bool]()
+    sink = _client_sink(written, ended)
+    sink.write(b"", False)  # a read that brought the head alone
+    sink.write(b"a\n\n", False)
+    sink.write(b"b\n\n", False)
+    assert ended == []
+    sink.write(b"", True)  # one that brought only the engine's last chunk
+    sink.write(b"", True)  # nothing goes twice
+    assert written.written == [b"HEAD\r\n\r\n", b"3\r\na\n\n\r\n", b"3\r\nb\n\n\r\n", b"0\r\n\r\n"]
+    assert ended == [True]
+
+
+async def test_a_sink_whose_answer_still_has_more_to_come_leaves_the_last_chunk_to_the_server() -> None:
+    """With the SSE timing comment to follow the body, the relay writes it and the server ends the answer."""
+    written, ended = _Recorded(), list[bool]()
+    _client_sink(written, ended, ends=False).write(b"data: x\n\n", True)
+    assert written.written == [b"HEAD\r\n\r\n9\r\ndata: x\n\n\r\n"]
+    assert ended == []
