@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import aiohttp
@@ -10,6 +11,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from flushgate.proxy.headers import new_request_id
 from tests.fakes import FakeUpstream
 
 
@@ -98,6 +100,24 @@ async def test_request_id_is_made_when_the_client_sends_none(
         made = resp.headers["X-Request-ID"]
     assert re.fullmatch(r"[0-9a-f]{32}", made)
     assert fake.seen[0].headers["x-request-id"] == [made]
+
+
+def test_request_ids_made_here_are_distinct_and_a_forked_worker_draws_its_own() -> None:
+    made = {new_request_id() for _ in range(1000)}
+    assert len(made) == 1000
+    assert all(re.fullmatch(r"[0-9a-f]{32}", made_id) for made_id in made)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker of --workers: its ids must not repeat the parent's
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    from_child = os.read(read, 64).decode()
+    os.close(read)
+    ours = new_request_id()
+    assert re.fullmatch(r"[0-9a-f]{32}", from_child)
+    assert from_child[:16] != ours[:16]  # another 64-bit random prefix
 
 
 async def test_upstream_error_responses_pass_through_untouched(
