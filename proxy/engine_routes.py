@@ -53,6 +53,9 @@ class RoutePolicy:
     def __init__(self, extra: Iterable[str] = ()) -> None:
         self.routes = (*INFERENCE_ROUTES, *extra)
         self._patterns = tuple(route_pattern(route) for route in self.routes)
+        # The routes' own spellings, as the checks below answer them: the usual paths skip decoding and matching.
+        self._known: frozenset[str] = frozenset()
+        self._known = frozenset(route for route in self.routes if self.forwards(route))
 
     def allows(self, raw_path: str) -> bool:
         """Whether the path as sent (before any ``?``) names an allowed route once decoded.
@@ -61,6 +64,9 @@ class RoutePolicy:
         a plain absolute path, an empty or dot segment, or an encoded slash that decodes to a new segment.
         """
         path = raw_path.split("?", 1)[0]
+        return path in self._known or self._checked(path)
+
+    def _checked(self, path: str) -> bool:
         if not path.startswith("/") or "//" in path:
             return False
         decoded = unquote(path, errors="strict")

@@ -272,6 +272,16 @@ def test_route_patterns_match_one_segment_per_name_and_the_rest_after_a_star() -
     assert not policy.allows("/v1/fine_tuning/jobs/../../load_lora_adapter")
 
 
+def test_a_route_spelled_as_the_checks_refuse_it_is_not_allowed_by_its_spelling_either() -> None:
+    """A route's own spelling is answered without decoding: only when the full checks allow that very string."""
+    policy = RoutePolicy(["/v1/a/../load_lora_adapter", "/v1/x%2Fy", "/v1/%ff", "/v1/ok"])
+    assert not policy.forwards("/v1/a/../load_lora_adapter")  # a dot segment
+    assert not policy.forwards("/v1/x%2Fy")  # an encoded slash
+    assert not policy.forwards("/v1/%ff")  # not UTF-8
+    assert policy.forwards("/v1/ok")
+    assert policy.forwards("/v1/chat/completions")
+
+
 # --- limits -----------------------------------------------------------------------------------------------------
 
 
