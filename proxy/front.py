@@ -83,6 +83,7 @@ class Front:
         self.body_timeout = body_timeout
         self.connections: set[ClientConnection] = set()
         self.stats = FrontStats()
+        self.loop = asyncio.get_running_loop()  # kept: asking for it costs a system call (CPython's getpid check)
 
     def __call__(self) -> ClientConnection:
         return ClientConnection(self)
@@ -206,7 +207,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, front: Front) -> None:
         self._front = front
-        self._loop = asyncio.get_running_loop()
+        self._loop = front.loop
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         self.writing_paused = False  # read by the pass-through's sink after each write, as aiohttp's is
@@ -391,11 +392,11 @@ class ClientConnection(asyncio.Protocol):
 
     def _aliased(self, body: bytes, target: str) -> bool:
         """A chat completion naming a thinking alias: rewritten by aiohttp's route (proxy/model_aliases.py)."""
-        tags = self._front.gateway.ollama.thinking_aliases
-        if not tags or not target.startswith("/v1/chat/completions"):
+        suffixes = self._front.gateway.ollama.alias_suffixes
+        if not suffixes or not target.startswith("/v1/chat/completions"):
             return False
         named = MODEL_FIELD.search(body)
-        return named is not None and names_alias(named.group(1).decode("utf-8", "replace"), tags)
+        return named is not None and names_alias(named.group(1).decode("utf-8", "replace"), suffixes)
 
     async def _serve(self, request: FrontRequest, started: float, body_done: float) -> None:
         front = self._front

@@ -7,7 +7,6 @@ other request, and every chat completion naming a plain model, is forwarded unto
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
@@ -70,9 +69,10 @@ async def list_models(client: ClientSide, gateway: Gateway, registry: ModelRegis
     return web.Response(body=orjson.dumps(listing), content_type="application/json")
 
 
-def names_alias(model: str, tags: Iterable[str]) -> bool:
-    """Whether a model name ends in an alias tag; only such a name costs a look at the engine's models."""
-    return any(model.endswith((f":{tag}", f"-{tag}")) for tag in tags)
+def names_alias(model: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether a model name ends in an alias tag (``OllamaSettings.alias_suffixes``); only such a name costs a look
+    at the engine's models."""
+    return bool(suffixes) and model.endswith(suffixes)
 
 
 async def _chat_with_alias(request: web.Request, registry: ModelRegistry) -> web.StreamResponse:
@@ -89,9 +89,9 @@ async def _chat_with_alias(request: web.Request, registry: ModelRegistry) -> web
     body_done = now()
     named = MODEL_FIELD.search(raw)
     name = named.group(1).decode("utf-8", "replace") if named else ""
-    tags = registry.settings.thinking_aliases
     # Only a name ending in an alias tag costs a look at the engine's models.
-    target = (await _alias_names(registry)).get(name) if names_alias(name, tags) else None
+    aliased = names_alias(name, registry.settings.alias_suffixes)
+    target = (await _alias_names(registry)).get(name) if aliased else None
     if target is None:
         return await forward(request, raw, received, body_done)
     try:

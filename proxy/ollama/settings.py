@@ -19,6 +19,12 @@ class OllamaSettings:
     api_version: str = OLLAMA_API_VERSION
     # How long the engine's model list is trusted before it is asked again (a name it lacks is always re-asked).
     model_list_max_age_s: float = 5.0
+    # The endings that make a model name an alias (``:tag``, ``-tag``), for one ``str.endswith`` per request.
+    alias_suffixes: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        suffixes = tuple(f"{sep}{tag}" for tag in self.thinking_aliases for sep in ":-")
+        object.__setattr__(self, "alias_suffixes", suffixes)
 
 
 _ON = frozenset({"on", "true", "1", "yes"})
