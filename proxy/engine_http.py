@@ -277,6 +277,10 @@ class EngineConnection(asyncio.Protocol):
         self._sink = self._head = self._event = self._on_head = None  # nothing of the exchange is kept by the pool
         self.idle_since = self._loop.time()
 
+    def idle_for(self) -> float:
+        """Seconds since ``park``, on the loop's clock (kept: asking for the running loop costs a system call)."""
+        return self._loop.time() - self.idle_since
+
     @property
     def reusable(self) -> bool:
         return self.complete and self._keep_alive and not self.closed and not self.reading_paused
@@ -413,12 +417,11 @@ class EngineConnections:
     def take_idle(self, base: str) -> EngineConnection | None:
         """The most recently parked connection to ``base`` that is still open and fresh, if there is one."""
         idle = self._idle.get(base)
-        clock = asyncio.get_running_loop().time()
         while idle:
             conn = idle.pop()
             if conn.closed:
                 continue
-            if clock - conn.idle_since >= self._keepalive_s:
+            if conn.idle_for() >= self._keepalive_s:
                 conn.abort()
                 continue
             return conn
