@@ -42,6 +42,9 @@ class BulkHistogram(Collector):
         ordered_values = values if ordered and isinstance(values, list) else sorted(values)
         counts = self.counts
         counts[0] += fast
+        if not ordered_values:  # a one-token answer has no gaps: no bucket to bisect for
+            self.total += total or 0.0
+            return
         below = 0
         for i, bound in enumerate(self.bounds):
             upto = bisect_right(ordered_values, bound)  # values <= bound, as Prometheus's le means
