@@ -20,7 +20,8 @@ class Recorder:
         self.engine_timings = engine_timings
         self._pending: set[asyncio.Task[None]] = set()
         self._queue: deque[RequestRecord] = deque()
-        self._publisher: asyncio.Task[None] | None = None
+        self._scheduled = False  # a callback that publishes the next record is due
+        self._drained: asyncio.Future[None] | None = None  # what ``flush`` waits on while records are queued
         self._children: dict[tuple[Any, ...], Any] = {}  # (metric, *labels) -> its child, looked up once
 
     def _labelled(self, metric: Any, *labels: str) -> Any:
@@ -51,20 +52,24 @@ class Recorder:
 
     def _enqueue(self, record: RequestRecord) -> None:
         """Records of streams that end together (they share the engine's tick) are published one per turn of the
-        event loop, so the chunks of streams still running are written in between rather than after all of them."""
+        event loop, so the chunks of streams still running are written in between rather than after all of them.
+        A callback per record: nothing here waits, so no task (a coroutine, an entry in asyncio's set of tasks)."""
         self._queue.append(record)
-        if self._publisher is None:
-            self._publisher = asyncio.get_running_loop().create_task(self._publish_queued())
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._publish_next)
 
-    async def _publish_queued(self) -> None:
+    def _publish_next(self) -> None:
         queue = self._queue
         try:
-            while queue:
-                self.publish(queue.popleft())
-                if queue:
-                    await asyncio.sleep(0)
-        finally:
-            self._publisher = None
+            self.publish(queue.popleft())
+        finally:  # a record that failed to publish does not stop the ones after it
+            if queue:
+                asyncio.get_running_loop().call_soon(self._publish_next)
+            else:
+                self._scheduled = False
+                if self._drained is not None and not self._drained.done():
+                    self._drained.set_result(None)
 
     def publish(self, record: RequestRecord) -> None:
         t = record.timings
@@ -92,5 +97,6 @@ class Recorder:
         """Publish every record still waiting for its engine span (at shutdown)."""
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
-        if self._publisher is not None:
-            await self._publisher
+        if self._scheduled:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
