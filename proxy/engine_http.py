@@ -398,15 +398,11 @@ class EngineConnections:
     async def _connect(self, base: str, connect_s: float) -> EngineConnection:
         loop = asyncio.get_running_loop()
         host, port, context, _ = self.address(base)
-        try:
-            async with asyncio.timeout(connect_s):
-                _, conn = await loop.create_connection(
-                    lambda: EngineConnection(base, self),
-                    host,
-                    port,
-                    ssl=context,
-                    server_hostname=host if context else None,
-                )
+        connecting = loop.create_connection(
+            lambda: EngineConnection(base, self), host, port, ssl=context, server_hostname=host if context else None
+        )
+        try:  # wait_for, not asyncio.timeout: a request may get here before it has a task (proxy/eager.py)
+            _, conn = await asyncio.wait_for(connecting, connect_s)
         except TimeoutError as exc:
             raise EngineConnectTimeout(f"connecting to {base} took over {connect_s:g} s") from exc
         except OSError as exc:

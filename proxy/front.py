@@ -28,6 +28,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from flushgate.proxy import body as outgoing_body
+from flushgate.proxy import eager
 from flushgate.proxy.auth import bearer_token
 from flushgate.proxy.client_side import Opened
 from flushgate.proxy.cors import CorsPolicy
@@ -386,7 +387,14 @@ class ClientConnection(asyncio.Protocol):
         del self._raw[:]
         self._reset()
         front.stats.answered += 1
-        self._task = task = self._loop.create_task(self._serve(request, started, body_done))
+        serving = self._serve(request, started, body_done)
+        # A POST goes to the engine from this very callback; the listing asks aiohttp's client, which needs a task.
+        task = eager.start(self._loop, serving) if request.method == "POST" else self._loop.create_task(serving)
+        if task is None:  # answered without waiting (a refusal, say)
+            if admission is not None:
+                admission.leave()
+            return
+        self._task = task
         if admission is not None:
             task.add_done_callback(admission.leave)  # also when the task is cancelled before it starts
 

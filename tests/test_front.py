@@ -20,6 +20,7 @@ from flushgate.cli import main
 from flushgate.config import Access, Config, Limits, Timeouts
 from flushgate.proxy import front
 from flushgate.proxy.client_side import Opened
+from flushgate.proxy.engine_http import EngineConnection
 from flushgate.server import Server
 from tests.fakes import (
     DONE_EVENT,
@@ -517,3 +518,30 @@ async def test_the_answer_opens_in_the_read_of_the_engines_head_and_its_first_by
     await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), GUARD_S)
     assert "on_headers_complete" in opened_in  # llhttp's callback for the head, inside the engine's read
     assert stats(gateway) == (1, 0)
+
+
+async def test_a_request_is_sent_to_the_engine_from_the_read_that_completed_it(
+    fake: FakeUpstream,
+    gateway: Server,
+    connection: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a turn of the event loop later, when a task would first run: under a burst of streams a long turn."""
+    sent_from: list[str] = []
+    send = EngineConnection.send
+
+    def noting(self: EngineConnection, *args: Any) -> asyncio.Future[None]:
+        sent_from.extend(f.function for f in inspect.stack()[1:8])
+        return send(self, *args)
+
+    monkeypatch.setattr(EngineConnection, "send", noting)
+    fake.handler = stream_hello
+    reader, writer = connection
+    writer.write(post_bytes())  # the first may wait for the engine connection opened when the client connected
+    assert parse_response(await read_answer(reader), "POST").status == 200
+    sent_from.clear()
+    writer.write(post_bytes())  # the second finds it idle in the pool
+    assert parse_response(await read_answer(reader), "POST").status == 200
+    assert "_begin" in sent_from  # the front's own step once a request is read, inside the client's read
+    assert "data_received" in sent_from
+    assert stats(gateway) == (2, 0)
