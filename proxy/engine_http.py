@@ -87,11 +87,28 @@ class EngineConnection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self.closed = False
         self.idle_since = 0.0
+        # Claimed while still connecting (a connection opened ahead): the request waits here, not in a task.
+        self.claimed = False
+        self._unsent: bytes | None = None  # written the moment the connection is made
+        self._claim_timings: RequestTimings | None = None  # its connect_end is stamped then too
+        self._made: asyncio.Future[None] | None = None  # what a streamed upload waits on until then
+        self._abandoned = False  # aborted before the connection was made: closed as soon as it is
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
+        if self._abandoned:
+            self.transport.abort()
+            return
+        if self._claim_timings is not None:
+            self._claim_timings.connect_end = now()
+            self._claim_timings = None
+        if self._unsent is not None:  # a request claimed this connection while it was being made
+            data, self._unsent = self._unsent, None
+            self.transport.write(data)
+        if self._made is not None and not self._made.done():
+            self._made.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self._loop.time()
@@ -195,7 +212,6 @@ class EngineConnection(asyncio.Protocol):
         ``on_head``, if given, is called from the read callback the moment the head is in (it must not raise): a
         sink it returns gets the body from then on, the bytes that came with the head included, a turn of the
         event loop before the task waiting on the future runs."""
-        assert self.transport is not None
         self._parser = httptools.HttpResponseParser(self)
         self.status, self.reason, self._raw_headers, self._pieces = 0, "", [], []
         self.complete = self._interim = self._until_close = False
@@ -206,11 +222,18 @@ class EngineConnection(asyncio.Protocol):
         self._last_read = self._loop.time()
         if idle_s:
             self._timer = self._loop.call_at(self._last_read + idle_s, self._check_idle)
-        self.transport.write(head + body if body else head)
+        data = head + body if body else head
+        if self.transport is None:  # still connecting: sent from connection_made
+            self._unsent = data
+        else:
+            self.transport.write(data)
         return head_future
 
     async def send_stream(self, chunks: AsyncIterator[bytes], framed: bool) -> None:
         """Write the rest of a request body as it arrives, waiting while the engine's socket is full."""
+        if self.transport is None:
+            self._made = self._loop.create_future()
+            await self._made
         assert self.transport is not None
         write = self.transport.write
         async for chunk in chunks:
@@ -291,8 +314,19 @@ class EngineConnection(asyncio.Protocol):
         for waiting in (self._head, self._event):  # nobody waits for this exchange any more
             if waiting is not None and not waiting.done():
                 waiting.cancel()
-        if self.transport is not None and not self.closed:
+        if self.transport is None:
+            self._abandoned = True
+            self._unsent = None
+        elif not self.closed:
             self.transport.abort()
+
+    def connect_failed(self, error: BaseException) -> None:
+        """The connection could not be made: a request that claimed it meets ``error`` where it waits."""
+        self.closed = True
+        self._unsent = None
+        self._fail(error)
+        if self._made is not None and not self._made.done():
+            self._made.set_exception(error)
 
     # -- internals ----------------------------------------------------------------------------------------------
 
@@ -350,9 +384,13 @@ class EngineConnections:
         self._idle: dict[str, list[EngineConnection]] = {}
         self._addresses: dict[str, EngineAddress] = {}
         self._open: set[EngineConnection] = set()
-        self._opening: dict[str, deque[asyncio.Task[EngineConnection]]] = {}  # opened ahead, not yet claimed
+        self._opening: dict[str, deque[EngineConnection]] = {}  # being made, not yet claimed by a request
+        self._connecting: set[asyncio.Task[None]] = set()
 
-    async def acquire(self, base: str, connect_s: float, timings: RequestTimings) -> EngineConnection:
+    def acquire(self, base: str, connect_s: float, timings: RequestTimings) -> EngineConnection:
+        """An idle connection, else one being made (opened ahead, or now): a request sent on one still being made
+        goes out the moment it is made, from the callback that says so; an error making it is met where the
+        request waits for the answer's head (``EngineConnectError``, ``EngineConnectTimeout``)."""
         conn = self.take_idle(base)
         if conn is not None:
             timings.connection_reused = True
@@ -360,11 +398,12 @@ class EngineConnections:
         timings.connect_start = now()
         timings.connection_reused = False
         opening = self._opening.get(base)
-        if opening:
-            conn = await opening.popleft()
+        conn = opening.popleft() if opening else self._start(base, connect_s)
+        conn.claimed = True
+        if conn.transport is not None:
+            timings.connect_end = timings.connect_start
         else:
-            conn = await self._connect(base, connect_s)
-        timings.connect_end = now()
+            conn._claim_timings = timings
         return conn
 
     def open_ahead(self, base: str, connect_s: float, wanted: int) -> None:
@@ -380,35 +419,41 @@ class EngineConnections:
             opening = self._opening[base] = deque()
         if len(opening) + len(self._idle.get(base, ())) >= wanted:
             return
-        task = asyncio.get_running_loop().create_task(self._connect(base, connect_s))
-        opening.append(task)
-        task.add_done_callback(lambda done: self._opened_ahead(base, done))
+        opening.append(self._start(base, connect_s))
 
-    def _opened_ahead(self, base: str, task: asyncio.Task[EngineConnection]) -> None:
-        opening = self._opening.get(base)
-        if opening is None or task not in opening:
-            return  # claimed by a request, which takes the connection or the error
-        opening.remove(task)
-        if not task.cancelled() and task.exception() is None:
-            conn = task.result()
-            if not conn.closed:
-                conn.park()
-                self._idle.setdefault(base, []).append(conn)
-
-    async def _connect(self, base: str, connect_s: float) -> EngineConnection:
-        loop = asyncio.get_running_loop()
-        host, port, context, _ = self.address(base)
-        connecting = loop.create_connection(
-            lambda: EngineConnection(base, self), host, port, ssl=context, server_hostname=host if context else None
-        )
-        try:  # wait_for, not asyncio.timeout: a request may get here before it has a task (proxy/eager.py)
-            _, conn = await asyncio.wait_for(connecting, connect_s)
-        except TimeoutError as exc:
-            raise EngineConnectTimeout(f"connecting to {base} took over {connect_s:g} s") from exc
-        except OSError as exc:
-            raise EngineConnectError(base, exc) from exc
-        self._open.add(conn)
+    def _start(self, base: str, connect_s: float) -> EngineConnection:
+        conn = EngineConnection(base, self)
+        task = asyncio.get_running_loop().create_task(self._connect(conn, connect_s))
+        self._connecting.add(task)
+        task.add_done_callback(lambda done: self._connect_done(conn, done))
         return conn
+
+    def _connect_done(self, conn: EngineConnection, task: asyncio.Task[None]) -> None:
+        self._connecting.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if not conn.claimed:
+            opening = self._opening.get(conn.key)
+            if opening is not None and conn in opening:
+                opening.remove(conn)
+        if task.cancelled() or error is not None:
+            conn.connect_failed(error or EngineConnectError(conn.key, OSError("the connect was cancelled")))
+        elif not conn.claimed and not conn.closed:
+            conn.park()
+            self._idle.setdefault(conn.key, []).append(conn)
+
+    async def _connect(self, conn: EngineConnection, connect_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        host, port, context, _ = self.address(conn.key)
+        try:
+            async with asyncio.timeout(connect_s):
+                await loop.create_connection(
+                    lambda: conn, host, port, ssl=context, server_hostname=host if context else None
+                )
+        except TimeoutError as exc:
+            raise EngineConnectTimeout(f"connecting to {conn.key} took over {connect_s:g} s") from exc
+        except OSError as exc:
+            raise EngineConnectError(conn.key, exc) from exc
+        self._open.add(conn)
 
     def take_idle(self, base: str) -> EngineConnection | None:
         """The most recently parked connection to ``base`` that is still open and fresh, if there is one."""
@@ -456,9 +501,8 @@ class EngineConnections:
         return found
 
     def close(self) -> None:
-        for opening in self._opening.values():
-            for task in opening:
-                task.cancel()
+        for task in list(self._connecting):
+            task.cancel()
         self._opening.clear()
         for conn in list(self._open):
             conn.abort()

@@ -153,11 +153,9 @@ async def _attempt(
     base = member.url
     record.served_by = base
     engines = gateway.engines
-    try:
-        conn = await engines.acquire(base, gateway.timeouts.connect, record.timings)
-    except (EngineConnectError, EngineConnectTimeout) as exc:
-        return _failed_before_answer(router, member, record, body, tried, exc)
+    conn = engines.acquire(base, gateway.timeouts.connect, record.timings)  # maybe still connecting: see acquire
     uploading: asyncio.Future[None] | None = None
+    unconnected = False  # the connection was never made: held against the engine once, as a connect failure
     try:
         data, stream, framed, framing = _outgoing(client, record, gateway, headers, body)
         host = engines.address(base).host_header
@@ -179,6 +177,9 @@ async def _attempt(
                 return _unreadable_body(record, failed)
         try:
             await head
+        except (EngineConnectError, EngineConnectTimeout) as exc:
+            unconnected = True
+            return _failed_before_answer(router, member, record, body, tried, exc)
         except (EngineBroken, EngineIdle) as exc:
             if isinstance(exc, EngineIdle) and uploading is not None and not uploading.done():
                 # The engine was waiting for the rest of the body: the client's delay, not held against the engine.
@@ -199,7 +200,7 @@ async def _attempt(
     finally:
         if uploading is not None and not uploading.done():
             uploading.cancel()
-        if record.outcome in ("upstream_error", "idle_timeout"):
+        if record.outcome in ("upstream_error", "idle_timeout") and not unconnected:
             router.failed(member, "broken")
         # Anything short of a complete read closes the engine connection, which is how vLLM learns to abort.
         if record.outcome == "completed":

@@ -7,6 +7,7 @@ answers; a raw socket can, and shows what the gateway sent on which connection.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -19,7 +20,7 @@ from aiohttp.http_exceptions import TransferEncodingError
 from flushgate.config import Config, Timeouts
 from flushgate.proxy import passthrough
 from flushgate.proxy.client_side import Opened
-from flushgate.proxy.engine_http import EngineConnection, EngineConnections
+from flushgate.proxy.engine_http import EngineConnectError, EngineConnection, EngineConnections
 from flushgate.server import Server
 from flushgate.timings import RequestTimings
 
@@ -366,3 +367,79 @@ async def test_a_sink_whose_answer_still_has_more_to_come_leaves_the_last_chunk_
     _client_sink(written, ended, ends=False).write(b"data: x\n\n", True)
     assert written.written == [b"HEAD\r\n\r\n9\r\ndata: x\n\n\r\n"]
     assert ended == []
+
+
+async def test_a_request_claims_a_connection_still_being_made_and_goes_out_the_moment_it_is(engine: RawEngine) -> None:
+    """No task waits for the connect and then sends: the request is written from the callback that says the
+    connection is made, as nginx writes it from the event that says so."""
+    engine.answers = [OK]
+    pool = EngineConnections(5.0)
+    timings = RequestTimings(start=0.0)
+    conn = pool.acquire(engine.url, 5.0, timings)
+    assert conn.transport is None  # not made yet
+    assert timings.connection_reused is False
+    left_unsent: list[bool] = []
+    made = conn.connection_made
+
+    def noting(transport: asyncio.BaseTransport) -> None:
+        made(transport)
+        left_unsent.append(conn._unsent is not None)
+
+    conn.connection_made = noting  # type: ignore[method-assign]
+    head = conn.send(b"POST /v1/completions HTTP/1.1\r\nHost: e\r\nContent-Length: 2\r\n\r\n", b"{}", 5.0)
+    assert conn._unsent is not None  # held until the connection is made
+    await asyncio.wait_for(head, GUARD_S)
+    assert conn.status == 200
+    assert left_unsent == [False]  # written within connection_made
+    assert engine.seen[0].body == b"{}"
+    assert timings.connect_end >= timings.connect_start > 0
+    pool.close()
+
+
+async def test_a_connect_that_fails_is_met_where_the_request_waits_for_the_head() -> None:
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    pool = EngineConnections(5.0)
+    conn = pool.acquire(f"http://127.0.0.1:{port}", 5.0, RequestTimings(start=0.0))
+    head = conn.send(b"POST /v1/completions HTTP/1.1\r\nHost: e\r\nContent-Length: 2\r\n\r\n", b"{}", 5.0)
+    with pytest.raises(EngineConnectError):
+        await asyncio.wait_for(head, GUARD_S)
+    assert pool.idle_count(f"http://127.0.0.1:{port}") == 0
+
+
+async def test_a_connection_opened_ahead_and_not_claimed_waits_in_the_pool_and_is_taken_from_there(
+    engine: RawEngine,
+) -> None:
+    pool = EngineConnections(5.0)
+    pool.open_ahead(engine.url, 5.0, wanted=1)
+    pool.open_ahead(engine.url, 5.0, wanted=1)  # one is already on its way
+    for _ in range(1000):  # the connect's own task finishes it (a few turns of the loop)
+        if pool.idle_count(engine.url):
+            break
+        await asyncio.sleep(0)
+    assert pool.idle_count(engine.url) == 1
+    timings = RequestTimings(start=0.0)
+    conn = pool.acquire(engine.url, 5.0, timings)
+    assert conn.transport is not None
+    assert timings.connection_reused is True
+    assert engine.connections == 1
+    pool.close()
+
+
+async def test_a_connection_given_up_before_it_is_made_is_closed_once_made_and_nothing_is_sent(
+    engine: RawEngine,
+) -> None:
+    engine.answers = [OK]
+    pool = EngineConnections(5.0)
+    conn = pool.acquire(engine.url, 5.0, RequestTimings(start=0.0))
+    head = conn.send(b"POST /v1/completions HTTP/1.1\r\nHost: e\r\nContent-Length: 2\r\n\r\n", b"{}", 5.0)
+    conn.abort()  # the client left before the engine connection was made
+    assert head.cancelled()
+    for _ in range(1000):
+        if conn.closed:
+            break
+        await asyncio.sleep(0)
+    assert conn.closed
+    assert engine.seen == []
+    assert pool.idle_count(engine.url) == 0
