@@ -42,3 +42,18 @@ async def test_records_ending_together_leave_the_loop_free_between_them_and_all_
     recorder.finish(finished("later"))  # a new burst starts its own turn-by-turn publishing
     await recorder.flush()
     assert log.events[-1]["request_id"] == "later"
+
+
+async def test_when_more_requests_end_per_turn_than_one_the_queue_of_records_stays_bounded() -> None:
+    """Publishing one record per turn would fall behind for good once several requests end in every turn."""
+    log = ListLog()
+    recorder = Recorder(log, Metrics(inflight=lambda: 0.0))
+    longest = 0
+    for turn in range(2000):  # four requests end in every turn of the loop
+        for n in range(4):
+            recorder.finish(finished(f"{turn}-{n}"))
+        longest = max(longest, len(recorder._queue))
+        await asyncio.sleep(0)
+    assert longest <= 16 * 4 + 4
+    await recorder.flush()
+    assert len(log.events) == 8000
