@@ -320,6 +320,14 @@ class EngineConnection(asyncio.Protocol):
         elif not self.closed:
             self.transport.abort()
 
+    def claim(self, timings: RequestTimings) -> None:
+        """A request takes this connection: made already, or its ``connect_end`` is stamped when it is."""
+        self.claimed = True
+        if self.transport is not None:
+            timings.connect_end = timings.connect_start
+        else:
+            self._claim_timings = timings
+
     def connect_failed(self, error: BaseException) -> None:
         """The connection could not be made: a request that claimed it meets ``error`` where it waits."""
         self.closed = True
@@ -398,12 +406,10 @@ class EngineConnections:
         timings.connect_start = now()
         timings.connection_reused = False
         opening = self._opening.get(base)
+        while opening and opening[0].closed:  # made, then closed by the engine before a request came for it
+            opening.popleft()
         conn = opening.popleft() if opening else self._start(base, connect_s)
-        conn.claimed = True
-        if conn.transport is not None:
-            timings.connect_end = timings.connect_start
-        else:
-            conn._claim_timings = timings
+        conn.claim(timings)
         return conn
 
     def open_ahead(self, base: str, connect_s: float, wanted: int) -> None:
@@ -453,7 +459,8 @@ class EngineConnections:
             raise EngineConnectTimeout(f"connecting to {conn.key} took over {connect_s:g} s") from exc
         except OSError as exc:
             raise EngineConnectError(conn.key, exc) from exc
-        self._open.add(conn)
+        if not conn.closed:  # an abandoned one may be gone already
+            self._open.add(conn)
 
     def take_idle(self, base: str) -> EngineConnection | None:
         """The most recently parked connection to ``base`` that is still open and fresh, if there is one."""
