@@ -113,22 +113,8 @@ class FrontRequest:
 
     opens_at_once = True  # the answer's head is one write on the client's transport
 
-    __slots__ = (
-        "_conn",
-        "_cors",
-        "body",
-        "body_exists",
-        "chunked",
-        "content_length",
-        "cut_off",
-        "ended",
-        "headers",
-        "method",
-        "opened",
-        "path",
-        "remote",
-        "target",
-    )  # fmt: skip
+    __slots__ = ("_conn", "_cors", "body", "body_exists", "chunked", "content_length", "cut_off", "ended", "headers",
+                 "method", "opened", "path", "remote", "target")  # fmt: skip
 
     def __init__(
         self,
