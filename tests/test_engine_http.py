@@ -118,6 +118,17 @@ def answer(status: str, headers: list[str], body: bytes = b"") -> bytes:
 OK = (answer("200 OK", ["Content-Type: application/json", "Content-Length: 11"], b'{"ok":true}'), False)
 
 
+TWO_BYTE_POST = b"POST /v1/completions HTTP/1.1\r\nHost: e\r\nContent-Length: 2\r\n\r\n"  # its body: b"{}"
+
+
+async def turns_until(done: Callable[[], object], turns: int = 10_000) -> None:
+    """Let the loop turn until ``done()`` (a close or a connect is seen within a few turns); the caller asserts."""
+    for _ in range(turns):
+        if done():
+            return
+        await asyncio.sleep(0)
+
+
 async def post(http: aiohttp.ClientSession, url: str, data: bytes = b"{}") -> tuple[int, bytes]:
     async with http.post(url + "/v1/completions", data=data) as resp:
         return resp.status, await asyncio.wait_for(resp.read(), GUARD_S)
@@ -189,10 +200,7 @@ async def test_a_kept_alive_connection_carries_the_next_request_and_one_the_engi
     pool = gateway.gateway.engines
     assert pool.idle_count(engine.url) == 1
     engine.writers[0].close()  # as an engine does with a connection idle past its keep-alive
-    for _ in range(10_000):  # until the gateway's loop has seen the close (a few iterations)
-        if pool.idle_count(engine.url) == 0:
-            break
-        await asyncio.sleep(0)
+    await turns_until(lambda: pool.idle_count(engine.url) == 0)  # the gateway's loop sees the close
     assert pool.idle_count(engine.url) == 0
     assert await post(http, url) == (200, b'{"ok":true}')
     assert [s.connection for s in engine.seen] == [1, 1, 2]
@@ -257,10 +265,7 @@ async def test_a_client_body_that_fails_mid_upload_is_a_400_and_the_engine_reque
     assert error["code"] == "request_body_unreadable"
     assert error["type"] == "invalid_request_error"
     assert b"Transfer-Encoding: chunked" in engine.seen[0].head
-    for _ in range(10_000):  # until the engine has seen the connection dropped (a few loop turns)
-        if engine.leftovers:
-            break
-        await asyncio.sleep(0)
+    await turns_until(lambda: engine.leftovers)  # the engine sees the connection dropped
     assert engine.leftovers == [b"5\r\nhello\r\n"]  # what was read went on; then the connection was dropped
 
 
@@ -386,7 +391,7 @@ async def test_a_request_claims_a_connection_still_being_made_and_goes_out_the_m
         left_unsent.append(conn._unsent is not None)
 
     conn.connection_made = noting  # type: ignore[method-assign]
-    head = conn.send(b"POST /v1/completions HTTP/1.1\r\nHost: e\r\nContent-Length: 2\r\n\r\n", b"{}", 5.0)
+    head = conn.send(TWO_BYTE_POST, b"{}", 5.0)
     assert conn._unsent is not None  # held until the connection is made
     await asyncio.wait_for(head, GUARD_S)
     assert conn.status == 200
@@ -402,7 +407,7 @@ async def test_a_connect_that_fails_is_met_where_the_request_waits_for_the_head(
         port = unused.getsockname()[1]
     pool = EngineConnections(5.0)
     conn = pool.acquire(f"http://127.0.0.1:{port}", 5.0, RequestTimings(start=0.0))
-    head = conn.send(b"POST /v1/completions HTTP/1.1\r\nHost: e\r\nContent-Length: 2\r\n\r\n", b"{}", 5.0)
+    head = conn.send(TWO_BYTE_POST, b"{}", 5.0)
     with pytest.raises(EngineConnectError):
         await asyncio.wait_for(head, GUARD_S)
     assert pool.idle_count(f"http://127.0.0.1:{port}") == 0
@@ -414,10 +419,7 @@ async def test_a_connection_opened_ahead_and_not_claimed_waits_in_the_pool_and_i
     pool = EngineConnections(5.0)
     pool.open_ahead(engine.url, 5.0, wanted=1)
     pool.open_ahead(engine.url, 5.0, wanted=1)  # one is already on its way
-    for _ in range(1000):  # the connect's own task finishes it (a few turns of the loop)
-        if pool.idle_count(engine.url):
-            break
-        await asyncio.sleep(0)
+    await turns_until(lambda: pool.idle_count(engine.url))  # the connect's own task finishes it
     assert pool.idle_count(engine.url) == 1
     timings = RequestTimings(start=0.0)
     conn = pool.acquire(engine.url, 5.0, timings)
@@ -433,13 +435,10 @@ async def test_a_connection_given_up_before_it_is_made_is_closed_once_made_and_n
     engine.answers = [OK]
     pool = EngineConnections(5.0)
     conn = pool.acquire(engine.url, 5.0, RequestTimings(start=0.0))
-    head = conn.send(b"POST /v1/completions HTTP/1.1\r\nHost: e\r\nContent-Length: 2\r\n\r\n", b"{}", 5.0)
+    head = conn.send(TWO_BYTE_POST, b"{}", 5.0)
     conn.abort()  # the client left before the engine connection was made
     assert head.cancelled()
-    for _ in range(1000):
-        if conn.closed:
-            break
-        await asyncio.sleep(0)
+    await turns_until(lambda: conn.closed)
     assert conn.closed
     assert engine.seen == []
     assert pool.idle_count(engine.url) == 0
