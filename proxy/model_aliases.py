@@ -72,7 +72,7 @@ async def list_models(client: ClientSide, gateway: Gateway, registry: ModelRegis
 def names_alias(model: str, suffixes: tuple[str, ...]) -> bool:
     """Whether a model name ends in an alias tag (``OllamaSettings.alias_suffixes``); only such a name costs a look
     at the engine's models."""
-    return bool(suffixes) and model.endswith(suffixes)
+    return model.endswith(suffixes)  # no suffixes: an empty tuple, which nothing ends with
 
 
 async def _chat_with_alias(request: web.Request, registry: ModelRegistry) -> web.StreamResponse:
