@@ -50,6 +50,11 @@ class EngineBroken(Exception):
     """The engine closed the connection, or sent something that is not HTTP, before its answer was complete."""
 
 
+class EngineStale(EngineBroken):
+    """A kept-alive connection closed with no byte of an answer: the engine closed it as idle while the request
+    was on its way, so the request was not taken and can be sent again on a new connection."""
+
+
 class EngineAddress(NamedTuple):
     host: str
     port: int
@@ -93,6 +98,8 @@ class EngineConnection(asyncio.Protocol):
         self._claim_timings: RequestTimings | None = None  # its connect_end is stamped then too
         self._made: asyncio.Future[None] | None = None  # what a streamed upload waits on until then
         self._abandoned = False  # aborted before the connection was made: closed as soon as it is
+        self.exchanges = 0  # requests sent on it: a second one went out on a kept-alive connection
+        self._answered = False  # a byte of the current exchange's answer has come
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------------
 
@@ -112,6 +119,7 @@ class EngineConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self._loop.time()
+        self._answered = True
         parser = self._parser
         if parser is None:  # bytes while no request is out: the connection cannot be trusted any more
             self.abort()
@@ -143,6 +151,9 @@ class EngineConnection(asyncio.Protocol):
             self._end()
             return
         reason = f": {exc}" if exc else ""
+        if self.exchanges > 1 and not self._answered:
+            self._fail(EngineStale(f"the engine closed a kept-alive connection without answering{reason}"))
+            return
         self._fail(EngineBroken(f"the engine closed the connection before the answer was complete{reason}"))
 
     def pause_writing(self) -> None:
@@ -216,7 +227,8 @@ class EngineConnection(asyncio.Protocol):
         self.status, self.reason, self._raw_headers, self._pieces = 0, "", [], []
         self.complete = self._interim = self._until_close = False
         self._sink, self._error, self._event, self._on_head = None, None, None, on_head
-        self._sink_fresh = False
+        self._sink_fresh = self._answered = False
+        self.exchanges += 1
         self._head = head_future = self._loop.create_future()
         self._idle_s = idle_s
         self._last_read = self._loop.time()
@@ -401,7 +413,9 @@ class EngineConnections:
         request waits for the answer's head (``EngineConnectError``, ``EngineConnectTimeout``)."""
         conn = self.take_idle(base)
         if conn is not None:
-            timings.connection_reused = True
+            timings.connection_reused = conn.exchanges > 0
+            if not timings.connection_reused:  # opened ahead for this client and made before its request came
+                timings.connect_start = timings.connect_end = now()
             return conn
         timings.connect_start = now()
         timings.connection_reused = False

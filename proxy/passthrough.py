@@ -29,6 +29,7 @@ from flushgate.proxy.engine_http import (
     EngineConnection,
     EngineConnectTimeout,
     EngineIdle,
+    EngineStale,
     Sink,
     request_head,
 )
@@ -131,6 +132,8 @@ async def _exchange(
         router.acquire(member)
         try:
             answer = await _attempt(client, gateway, record, member, headers, outgoing, tried)
+            if answer == "resend":
+                continue  # the same engine may well be picked again: nothing is held against it
             if answer is not False:
                 return answer
         finally:
@@ -146,8 +149,9 @@ async def _attempt(
     headers: CIMultiDict[str],
     body: OutgoingBody | None,
     tried: list[EngineMember],
-) -> web.Response | Literal[False] | None:
-    """One try at one engine: its answer relayed (None), an error response, or False to try another engine."""
+) -> web.Response | Literal[False, "resend"] | None:
+    """One try at one engine: its answer relayed (None), an error response, False to try another engine, or
+    "resend" to pick again without holding anything against this one (a kept-alive connection it had closed)."""
     router = gateway.router
     assert router is not None
     base = member.url
@@ -185,6 +189,9 @@ async def _attempt(
                 # The engine was waiting for the rest of the body: the client's delay, not held against the engine.
                 message = f"nothing reached the engine for {gateway.timeouts.idle:g} s before the body's end"
                 return _body_stalled(record, BodyStalled(message))
+            if isinstance(exc, EngineStale) and not record.stale_resent and _replayable(body):
+                record.stale_resent = True  # once: a second one is not a race with the engine's idle close
+                return "resend"
             return _failed_before_answer(router, member, record, body, tried, exc)
         if early is not None and early.ran:  # the read callback has acted on the head
             if early.retry:

@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp.http_exceptions import TransferEncodingError
+from structlog.testing import capture_logs
 
 from flushgate.config import Config, Timeouts
 from flushgate.proxy import passthrough
@@ -204,6 +205,59 @@ async def test_a_kept_alive_connection_carries_the_next_request_and_one_the_engi
     assert pool.idle_count(engine.url) == 0
     assert await post(http, url) == (200, b'{"ok":true}')
     assert [s.connection for s in engine.seen] == [1, 1, 2]
+
+
+CLOSED_UNANSWERED = (b"", True)  # the engine hangs up on the request: its idle close crossed the request's way
+
+
+async def test_a_kept_alive_connection_the_engine_closes_without_answering_is_sent_again_on_a_new_one(
+    engine: RawEngine, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    engine.answers = [OK, CLOSED_UNANSWERED, OK]
+    assert await post(http, gateway_url) == (200, b'{"ok":true}')
+    with capture_logs() as logs:
+        assert await post(http, gateway_url, b'{"n": 2}') == (200, b'{"ok":true}')  # one engine: no failover
+    assert [(s.connection, s.body) for s in engine.seen] == [(1, b"{}"), (1, b'{"n": 2}'), (2, b'{"n": 2}')]
+    (record,) = [entry for entry in logs if entry["event"] == "request"]
+    assert record["stale_connection_resent"] is True
+    assert record["outcome"] == "completed"
+    assert "failover" not in record
+
+
+async def test_a_request_is_sent_again_once_and_a_new_connection_closed_unanswered_is_a_502(
+    engine: RawEngine, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    engine.answers = [OK, CLOSED_UNANSWERED, CLOSED_UNANSWERED, OK]
+    assert await post(http, gateway_url) == (200, b'{"ok":true}')
+    status, body = await post(http, gateway_url)
+    assert status == 502
+    assert "closed the connection before the answer" in orjson.loads(body)["error"]["message"]
+    assert [s.connection for s in engine.seen] == [1, 1, 2]
+
+
+async def test_a_kept_alive_connection_closed_after_part_of_an_answer_is_not_sent_again(
+    engine: RawEngine, gateway_url: str, http: aiohttp.ClientSession
+) -> None:
+    engine.answers = [OK, (b"HTTP/1.1 200 OK\r\n", True), OK]  # the engine took the request: it began to answer
+    assert await post(http, gateway_url) == (200, b'{"ok":true}')
+    status, _ = await post(http, gateway_url)
+    assert status == 502
+    assert [s.connection for s in engine.seen] == [1, 1]
+
+
+async def test_an_engine_keepalive_of_zero_opens_a_new_connection_for_every_request(
+    engine: RawEngine, http: aiohttp.ClientSession
+) -> None:
+    timeouts = Timeouts(connect=5.0, idle=5.0, drain=1.0, engine_keepalive=0.0)
+    server = Server(Config(upstream=engine.url, port=0, timeouts=timeouts))
+    await server.start()
+    try:
+        engine.answers = [OK, OK]
+        assert await post(http, f"http://127.0.0.1:{server.port}") == (200, b'{"ok":true}')
+        assert await post(http, f"http://127.0.0.1:{server.port}") == (200, b'{"ok":true}')
+    finally:
+        await server.stop()
+    assert [s.connection for s in engine.seen] == [1, 2]
 
 
 async def test_an_answer_that_says_connection_close_is_not_followed_by_another_request_on_it(
@@ -424,7 +478,8 @@ async def test_a_connection_opened_ahead_and_not_claimed_waits_in_the_pool_and_i
     timings = RequestTimings(start=0.0)
     conn = pool.acquire(engine.url, 5.0, timings)
     assert conn.transport is not None
-    assert timings.connection_reused is True
+    assert timings.connection_reused is False  # new to this request, though it did not wait for the connect
+    assert timings.connect_end == timings.connect_start > 0
     assert engine.connections == 1
     pool.close()
 
