@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from flushgate.config import managed_engine_env
 from flushgate.engine.presets import Preset
 from flushgate.engine_timing import ENGINE_OTEL_ENV
 
@@ -50,6 +51,7 @@ def build_spec(
     port: int | None = None,
     base_env: dict[str, str] | None = None,
     traces_endpoint: str | None = None,
+    keepalive_s: float | None = None,
 ) -> EngineSpec:
     host = "127.0.0.1"  # private: only the gateway talks to the engine
     port = port or free_port(host)
@@ -75,6 +77,9 @@ def build_spec(
     for key, value in (preset.env if preset else {}).items():
         env.setdefault(key, value)  # the user's environment wins over the preset
     env.setdefault("PYTHONUNBUFFERED", "1")  # so log lines arrive as they are written
+    if keepalive_s is not None:  # the gateway's idle connections must close before the engine closes them
+        for key, value in managed_engine_env(keepalive_s).items():
+            env.setdefault(key, value)
     if traces_endpoint:
         for key, value in ENGINE_OTEL_ENV.items():
             env.setdefault(key, value)

@@ -19,7 +19,18 @@ from flushgate.cli_engines import (
     upstream_from_args,
     url_list,
 )
-from flushgate.config import Access, Config, ConfigError, Limits, Timeouts, read_key_file
+from flushgate.config import (
+    ATTACHED_KEEPALIVE_S,
+    ENGINE_KEEPALIVE_ENV,
+    MANAGED_KEEPALIVE_S,
+    Access,
+    Config,
+    ConfigError,
+    Limits,
+    Timeouts,
+    engine_keepalive,
+    read_key_file,
+)
 from flushgate.doctor.cli import add_doctor_parser, run_doctor
 from flushgate.engine.presets import PRESETS
 from flushgate.logs import configure
@@ -154,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to open a connection to the engine; then 504 (FLUSHGATE_CONNECT_TIMEOUT)",
     )
     serve.add_argument(
+        "--engine-keepalive",
+        type=float,
+        metavar="S",
+        default=_env("ENGINE_KEEPALIVE", None, float),
+        help="seconds an idle connection to an engine is kept for the next request; it must end before the "
+        f"engine's own idle time does. Default: {ATTACHED_KEEPALIVE_S:g} with --upstream/--upstream-dns (vLLM "
+        f"closes idle connections after 5 s), {MANAGED_KEEPALIVE_S:g} with --model (the engine is started with "
+        f"{ENGINE_KEEPALIVE_ENV} one second longer, unless the environment sets it) (FLUSHGATE_ENGINE_KEEPALIVE)",
+    )
+    serve.add_argument(
         "--idle-timeout",
         type=_seconds_or_off,
         metavar="S",
@@ -256,7 +277,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         engine_python=args.engine_python,
         engine_grace=args.engine_grace,
         engine_log=args.engine_log,
-        timeouts=Timeouts(connect=args.connect_timeout, idle=args.idle_timeout, drain=args.drain_timeout),
+        timeouts=Timeouts(
+            connect=args.connect_timeout,
+            idle=args.idle_timeout,
+            drain=args.drain_timeout,
+            engine_keepalive=engine_keepalive(
+                args.engine_keepalive, managed=args.model is not None, environ=os.environ
+            ),
+        ),
         log_format=args.log_format,
         log_content=args.log_content,
         hop_timing=args.hop_timing,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,6 +28,44 @@ class Timeouts:
     connect: float = 5.0
     idle: float | None = 600.0  # between upstream reads; None disables it
     drain: float = 30.0
+    engine_keepalive: float = 4.0  # an idle engine connection is reused for this long (see engine_keepalive)
+
+
+ATTACHED_KEEPALIVE_S = 4.0  # under the 5 s after which vLLM's server (uvicorn) closes an idle connection
+MANAGED_KEEPALIVE_S = 60.0  # nginx's upstream keepalive_timeout; the managed engine is told to keep longer
+ENGINE_KEEPALIVE_ENV = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE"  # vLLM's own idle-connection time, in whole seconds
+
+
+def engine_keepalive(given: float | None, *, managed: bool, environ: Mapping[str, str]) -> float:
+    """How long an idle engine connection is kept for the next request.
+
+    It must end before the engine's own idle time does, or a request can go out on a connection the engine is
+    closing. An attached engine's time is not known: vLLM's default 5 s is assumed unless a time is given. A
+    managed engine is started with its time set to this one plus a second (``managed_engine_env``), unless the
+    environment already sets it; then that is the bound.
+    """
+    if given is not None and given < 0:
+        raise ConfigError("--engine-keepalive must not be negative (0: a new connection for every request)")
+    engines_own = environ.get(ENGINE_KEEPALIVE_ENV) if managed else None
+    if engines_own is not None:
+        try:
+            bound = float(engines_own)
+        except ValueError:
+            raise ConfigError(f"{ENGINE_KEEPALIVE_ENV} must be a number of seconds, got {engines_own!r}") from None
+        if given is None:
+            return max(bound - 1, 0.0)
+        if given >= bound:
+            raise ConfigError(
+                f"--engine-keepalive {given:g} must be under the engine's own {ENGINE_KEEPALIVE_ENV}={engines_own}"
+            )
+    if given is None:
+        return MANAGED_KEEPALIVE_S if managed else ATTACHED_KEEPALIVE_S
+    return given
+
+
+def managed_engine_env(keepalive_s: float) -> dict[str, str]:
+    """What a managed engine is started with so that it keeps idle connections longer than the gateway does."""
+    return {ENGINE_KEEPALIVE_ENV: str(math.ceil(keepalive_s) + 1)}
 
 
 @dataclass(frozen=True, slots=True)

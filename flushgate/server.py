@@ -97,6 +97,7 @@ class Server:
                 served_model_name=config.served_model_name,
                 base_env={**os.environ, **placement.env} if placement.env else None,
                 traces_endpoint=self._receiver.endpoint if self._receiver else None,
+                keepalive_s=config.timeouts.engine_keepalive,
             )
             log_file = Path(config.engine_log or ".cache/flushgate/engine.log") if console else None
             if log_file is not None and several:

@@ -13,7 +13,7 @@ from flushgate.config import Timeouts
 from flushgate.proxy.engine_http import EngineConnections
 from flushgate.proxy.ollama.settings import OllamaSettings
 from flushgate.proxy.router import Router
-from flushgate.proxy.upstream import POOL_KEEPALIVE_S, Backend, Unavailable
+from flushgate.proxy.upstream import Backend, Unavailable
 from flushgate.recorder import Recorder
 
 
@@ -35,9 +35,10 @@ class Gateway:
     ollama: OllamaSettings = field(default_factory=OllamaSettings)
     router: Router | None = None  # picks the engine per request; None: one made for ``backend`` alone
     # The pass-through's own connections to the engines (proxy/engine_http.py); ``session`` serves the rest.
-    engines: EngineConnections = field(default_factory=lambda: EngineConnections(POOL_KEEPALIVE_S))
+    engines: EngineConnections = field(init=False)
 
     def __post_init__(self) -> None:
+        self.engines = EngineConnections(self.timeouts.engine_keepalive)
         self._idle.set()
         if self.router is None:
             self.router = Router.of_one(self.backend)

@@ -12,10 +12,6 @@ from flushgate.config import Timeouts
 from flushgate.proxy.engine_http import EngineConnectError, EngineConnectTimeout
 from flushgate.timings import RequestTimings, now
 
-# Below uvicorn's 5 s keep-alive (vLLM's server), so a pooled connection is never reused just as the engine
-# closes it.
-POOL_KEEPALIVE_S = 4.0
-
 
 @dataclass(frozen=True, slots=True)
 class Unavailable:
@@ -103,7 +99,7 @@ def open_session(timeouts: Timeouts) -> aiohttp.ClientSession:
     timeout: only connect and idle-between-reads limits. A request passed ``trace_request_ctx=timings`` gets its
     connect start/end, or that its connection was pooled, stamped into those ``RequestTimings``.
     """
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=POOL_KEEPALIVE_S)
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=timeouts.engine_keepalive)
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=timeouts.idle),

@@ -114,3 +114,16 @@ def test_presets_are_known_by_name_and_unknown_ones_are_refused() -> None:
         Config(upstream="http://127.0.0.1:1", preset="cpu").validate()
     with pytest.raises(ConfigError, match="exactly one"):
         Config(upstream="http://127.0.0.1:1", model="/m").validate()
+
+
+def test_a_managed_engine_keeps_idle_connections_a_second_longer_than_the_gateway_unless_told_otherwise() -> None:
+    spec = build_spec("Qwen/Qwen3-14B-FP8", python="/py", port=9000, base_env={}, keepalive_s=60.0)
+    assert spec.env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "61"
+    fraction = build_spec("Qwen/Qwen3-14B-FP8", python="/py", port=9000, base_env={}, keepalive_s=2.5)
+    assert fraction.env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "4"  # whole seconds, still longer than 2.5 + 1
+    own = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "30"}
+    assert build_spec("m", python="/py", port=9000, base_env=own, keepalive_s=29.0).env == {
+        **own,
+        "PYTHONUNBUFFERED": "1",
+    }
+    assert "VLLM_HTTP_TIMEOUT_KEEP_ALIVE" not in build_spec("m", python="/py", port=9000, base_env={}).env

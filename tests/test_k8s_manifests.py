@@ -157,6 +157,16 @@ def test_the_sidecar_vllm_is_started_as_the_managed_engine_would_be() -> None:
     assert flag(sidecar["args"], "--model") == model
 
 
+def test_the_sidecar_vllm_keeps_idle_connections_longer_than_flushgate_does() -> None:
+    docs = overlay("sidecar")
+    gateway = config_from_args(build_parser().parse_args(["serve", *serve_args(docs)])).timeouts.engine_keepalive
+    env = {each["name"]: each.get("value") for each in container(pod_spec(docs), "vllm")["env"]}
+    assert float(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) >= gateway + 1
+    assert gateway > 5  # longer than vLLM's default, or the setting would not be needed
+    managed = config_from_args(build_parser().parse_args(["serve", *serve_args(overlay("managed"))]))
+    assert managed.timeouts.engine_keepalive == gateway  # the managed engine is told the same by flushgate
+
+
 def test_the_sidecar_vllm_starts_before_flushgate_and_stops_after_it() -> None:
     """A native sidecar: started first, and on termination stopped only once flushgate has drained and exited."""
     pod = pod_spec(overlay("sidecar"))

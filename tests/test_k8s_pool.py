@@ -160,3 +160,11 @@ async def test_a_gateway_with_the_overlays_flags_finds_the_engines_by_the_servic
     finally:
         await server.stop()
         await stop_farm(farm)
+
+
+def test_the_engine_pods_keep_idle_connections_longer_than_the_gateway_does() -> None:
+    docs = overlay("pool")
+    gateway = config_from_args(build_parser().parse_args(["serve", *gateway_args(docs)])).timeouts.engine_keepalive
+    env = {each["name"]: each.get("value") for each in container(pod(docs, ENGINES), "vllm")["env"]}
+    assert float(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) >= gateway + 1
+    assert gateway > 5  # longer than vLLM's default, or the setting would not be needed

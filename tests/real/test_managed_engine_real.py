@@ -154,3 +154,30 @@ async def test_the_record_joins_vllms_own_timing_for_the_request(smol_gateway: G
     # the engine's decode time matches what the gateway saw between first and last token, within 10 %
     seen = record["last_token_ms"] - record["first_token_ms"]
     assert split["engine_decode_ms"] == pytest.approx(seen, rel=0.1, abs=5)
+
+
+async def test_a_connection_idle_past_vllms_default_keep_alive_still_carries_the_next_request(
+    smol_gateway: GatewayProcess,
+) -> None:
+    """The managed engine is started to keep idle connections a second longer than the gateway does (60 s), so
+    the next message of a conversation after a pause needs no new connection; vLLM's own default is 5 s."""
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 1}
+
+    async def ask(request_id: str) -> dict[str, object]:
+        mark = smol_gateway.mark()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                smol_gateway.url + "/v1/chat/completions", json=body, headers={"X-Request-ID": request_id}
+            ) as resp,
+        ):
+            assert resp.status == 200
+            await resp.read()
+        return await asyncio.to_thread(
+            smol_gateway.wait_event, "request", after=mark, timeout_s=30, where=lambda e: e["request_id"] == request_id
+        )
+
+    await ask("keepalive-1")
+    await asyncio.sleep(6.5)  # what is tested: an idle time longer than vLLM's default, not a wait for an event
+    second = await ask("keepalive-2")
+    assert second["upstream_reused"] is True
