@@ -148,6 +148,31 @@ def start_engine(workdir: Path, cpu: Cpus) -> Target:
     return Target("engine", int(line.split()[1]), process, workdir / "engine.log")
 
 
+# Both proxies keep an idle engine connection this long: nginx's default for an upstream's keepalive_timeout, and
+# flushgate's for the engines it manages. The benchmark's engine closes none (a managed vLLM keeps one 61 s).
+ENGINE_KEEPALIVE_S = 60.0
+
+
+def flushgate_serve_args(ports: Sequence[int], port: int, cores: int, extra_args: Sequence[str] = ()) -> list[str]:
+    """``flushgate serve`` attached to each engine port, one worker per core, idle engine connections kept as nginx
+    keeps them; ``extra_args`` last, so they win."""
+    workers = ["--workers", str(cores)] if cores > 1 else []
+    return [
+        "serve",
+        *(arg for each in ports for arg in ("--upstream", f"http://{HOST}:{each}")),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--log-format",
+        "json",
+        *workers,
+        "--engine-keepalive",
+        f"{ENGINE_KEEPALIVE_S:g}",
+        *extra_args,
+    ]
+
+
 def start_flushgate(
     workdir: Path,
     engine_port: int | Sequence[int],
@@ -161,31 +186,13 @@ def start_flushgate(
     port = free_port()
     log_path = log_to or Path(os.devnull)
     ports = [engine_port] if isinstance(engine_port, int) else list(engine_port)
-    cores = core_count(cpu)
-    workers = ["--workers", str(cores)] if cores > 1 else []
-    command = pinned(
-        [
-            sys.executable,
-            "-m",
-            "flushgate",
-            "serve",
-            *(arg for each in ports for arg in ("--upstream", f"http://{HOST}:{each}")),
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--log-format",
-            "json",
-            *workers,
-            *extra_args,
-        ],
-        cpu,
-    )
+    serve = flushgate_serve_args(ports, port, core_count(cpu), extra_args)
+    command = pinned([sys.executable, "-m", "flushgate", *serve], cpu)
     with log_path.open("ab") as log:
         process = _spawn(command, log)
     from flushgate import __version__
 
-    version = " ".join(["flushgate", __version__, *workers, *extra_args])
+    version = " ".join(["flushgate", __version__, *serve[serve.index("json") + 1 :]])
     target = Target(name, port, process, log_path, version)
     target.wait_ready("/healthz", 30)
     return target
@@ -209,6 +216,7 @@ http {{
     scgi_temp_path {workdir}/scgi_temp;
     upstream engine {{
 {servers}        keepalive 512;
+        keepalive_timeout {keepalive_s:g}s;
     }}
     server {{
         listen {host}:{port} backlog=4096;
@@ -233,7 +241,9 @@ def nginx_config(workdir: Path, engine_port: int | Sequence[int], port: int, wor
     servers = "".join(f"        server {HOST}:{each};\n" for each in ports)
     if len(ports) > 1:
         servers = "        least_conn;\n" + servers
-    return NGINX_CONF.format(workdir=workdir, host=HOST, servers=servers, port=port, workers=workers)
+    return NGINX_CONF.format(
+        workdir=workdir, host=HOST, servers=servers, port=port, workers=workers, keepalive_s=ENGINE_KEEPALIVE_S
+    )
 
 
 def _version(command: list[str]) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,8 @@ from flushgate.bench.procstat import parse_stat
 from flushgate.bench.report import FLUSHGATE, NGINX, Cell, checks
 from flushgate.bench.runner import rotated
 from flushgate.bench.stats import Spread, added, percentile, within
-from flushgate.bench.targets import Target
+from flushgate.bench.targets import ENGINE_KEEPALIVE_S, Target, flushgate_serve_args, nginx_config
+from flushgate.cli import build_parser, config_from_args
 
 DEADLOCK_GUARD_S = 10
 
@@ -254,3 +256,12 @@ def test_chunk_delays_are_split_by_the_tokens_place_and_the_slowest_found_where_
     assert table["tokens 3-5"]["chunks"] == 300
     assert table["token 6 on"]["chunks"] == 400
     assert by_position([]) == {}
+
+
+def test_both_proxies_keep_idle_engine_connections_equally_long_and_extra_flags_win(tmp_path: Path) -> None:
+    argv = flushgate_serve_args([8001, 8002], 9000, 1)
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config.timeouts.engine_keepalive == ENGINE_KEEPALIVE_S == 60
+    assert f"keepalive_timeout {ENGINE_KEEPALIVE_S:g}s;" in nginx_config(tmp_path, [8001, 8002], 9000)
+    told = build_parser().parse_args(flushgate_serve_args([8001], 9000, 1, ["--engine-keepalive", "4"]))
+    assert config_from_args(told).timeouts.engine_keepalive == 4
