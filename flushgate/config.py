@@ -198,6 +198,8 @@ class Config:
             raise ConfigError("--idle-timeout must be positive (0 disables it)")
         if self.timeouts.drain < 0:
             raise ConfigError("--drain-timeout must not be negative")
+        if self.timeouts.engine_keepalive < 0:
+            raise ConfigError("--engine-keepalive must not be negative (0: a new connection for every request)")
         _validate_limits(self.limits)
         _validate_access(self.access)
         return self

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flushgate.cli import build_parser, config_from_args, main
-from flushgate.config import ConfigError, engine_keepalive
+from flushgate.config import Config, ConfigError, Timeouts, engine_keepalive
 
 UP = "http://127.0.0.1:8001"
 
@@ -46,6 +46,8 @@ def test_a_managed_engine_whose_time_the_environment_sets_bounds_the_gateways() 
 def test_a_negative_keepalive_is_refused_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--upstream", UP, "--engine-keepalive", "-1"]) == 2
     assert "--engine-keepalive must not be negative" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--engine-keepalive must not be negative"):
+        Config(upstream=UP, timeouts=Timeouts(engine_keepalive=-1.0)).validate()
 
 
 def test_the_help_names_both_defaults_and_the_engines_own_setting(capsys: pytest.CaptureFixture[str]) -> None:
