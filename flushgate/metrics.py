@@ -156,6 +156,12 @@ class Metrics:
             "Attempts that failed on the engine before anything reached the client, and went to another engine.",
             ["engine"], registry=r,
         )  # fmt: skip
+        self.engine_stale_resends = Counter(
+            "flushgate_engine_stale_resends",
+            "Requests sent again on a new connection because the engine closed a kept-alive one under them; if "
+            "this grows, the engine's idle time is not above --engine-keepalive.",
+            ["engine"], registry=r,
+        )  # fmt: skip
         if router is not None:
             r.register(EnginePoolCollector(router))
         Gauge("flushgate_inflight_requests", "Requests being served now.", registry=r).set_function(inflight)

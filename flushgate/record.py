@@ -28,7 +28,7 @@ class RequestRecord:
     content: dict[str, str] | None = None  # prompt and completion, only with --log-content
     served_by: str | None = None  # the engine (base URL) that answered, or the last one tried
     failover: list[dict[str, str]] = field(default_factory=list)  # engines tried first, failed before any byte
-    stale_resent: bool = False  # sent again: a kept-alive engine connection was closed as idle under it
+    stale_resent: str | None = None  # the engine that closed a kept-alive connection under it: sent again
 
     def wants_engine_split(self) -> bool:
         """Only generation requests that reached the engine have a vLLM span to wait for."""
@@ -84,8 +84,8 @@ class RequestRecord:
         }
         if self.failover:
             out["failover"] = self.failover
-        if self.stale_resent:
-            out["stale_connection_resent"] = True
+        if self.stale_resent is not None:
+            out["stale_connection_resent"] = self.stale_resent
         tokens = self.tokens()
         out["tokens"] = tokens
         if self.engine is not None and self.engine.decode_s > 0 and tokens and tokens > 1:

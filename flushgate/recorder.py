@@ -91,6 +91,8 @@ class Recorder:
                 labelled(m.engine_ttft, record.served_by).observe(t.first_token - t.start)
         for attempt in record.failover:
             labelled(m.engine_failovers, attempt["engine"]).inc()
+        if record.stale_resent is not None:
+            labelled(m.engine_stale_resends, record.stale_resent).inc()
         m.gap.observe_many(t.gaps(), ordered=True)
         if t.fast_chunks or t.slow_chunks:
             m.chunk.observe_many(t.slow_chunks, fast=t.fast_chunks, total=t.write_blocked + t.chunk_work)

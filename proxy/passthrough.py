@@ -189,8 +189,8 @@ async def _attempt(
                 # The engine was waiting for the rest of the body: the client's delay, not held against the engine.
                 message = f"nothing reached the engine for {gateway.timeouts.idle:g} s before the body's end"
                 return _body_stalled(record, BodyStalled(message))
-            if isinstance(exc, EngineStale) and not record.stale_resent and _replayable(body):
-                record.stale_resent = True  # once: a second one is not a race with the engine's idle close
+            if isinstance(exc, EngineStale) and record.stale_resent is None and _replayable(body):
+                record.stale_resent = base  # once: a second one is not a race with the engine's idle close
                 return "resend"
             return _failed_before_answer(router, member, record, body, tried, exc)
         if early is not None and early.ran:  # the read callback has acted on the head
