@@ -36,6 +36,7 @@ from flushgate.proxy.errors import error_response
 from flushgate.proxy.headers import message_head
 from flushgate.proxy.model_aliases import list_models, names_alias
 from flushgate.proxy.ollama.models import ModelRegistry
+from flushgate.proxy.pacing import StartPacer
 from flushgate.proxy.passthrough import MODEL_FIELD, exchange
 from flushgate.proxy.refusal import refusal_body
 from flushgate.proxy.security import Guards
@@ -85,6 +86,7 @@ class Front:
         self.connections: set[ClientConnection] = set()
         self.stats = FrontStats()
         self.loop = asyncio.get_running_loop()  # kept: asking for it costs a system call (CPython's getpid check)
+        self.pacer = StartPacer(self.loop)
 
     def __call__(self) -> ClientConnection:
         return ClientConnection(self)
@@ -204,6 +206,8 @@ class ClientConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False  # a head over the limits was answered: what the client still sends is dropped
+        self._request_end = 0  # where in ``_raw`` the complete request ends: later bytes are the client's next
+        self._paced = False  # complete, waiting for its turn to start (proxy/pacing.py)
         self._reset()
 
     def _reset(self) -> None:
@@ -233,7 +237,7 @@ class ClientConnection(asyncio.Protocol):
         if self._refused:
             return
         self._raw += data
-        if self._task is not None:  # the client sent on before its answer ended: read once it has
+        if self._task is not None or self._paced:  # the client sent on before its answer ended: read once it has
             if len(self._raw) > BODY_CAP and self.transport is not None:
                 self.transport.pause_reading()  # until then, the socket holds the rest
             return
@@ -256,9 +260,18 @@ class ClientConnection(asyncio.Protocol):
         elif self._hand_over_now:
             self._hand_over()
         elif self._complete:
-            self._begin()
+            self._request_end = len(self._raw)
+            if self._front.pacer.admit(self):
+                self._begin()
+            else:
+                self._paced = True
         elif self._head_done:  # the body has begun: it may pause no longer than the body timeout at a time
             self._arm_timer(self._front.body_timeout, self._on_body_timeout)
+
+    def start_if_still_wanted(self) -> None:
+        self._paced = False
+        if self._parser is not None and self.transport is not None and not self.transport.is_closing():
+            self._begin()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._parser = None  # it refers back to this protocol: without the cycle, freeing needs no GC pass
@@ -370,7 +383,7 @@ class ClientConnection(asyncio.Protocol):
         self.keep_alive = self._parser.should_keep_alive()
         request = FrontRequest(self, guards.cors, self._method, target, headers, body)
         started = self._started
-        del self._raw[:]
+        del self._raw[: self._request_end]  # what the client sent on is read once this answer ends (``_after``)
         self._reset()
         front.stats.answered += 1
         serving = self._serve(request, started, body_done)
