@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -57,3 +58,11 @@ def engine_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     record = tmp_path / "engine-events"
     monkeypatch.setenv("FAKE_ENGINE_RECORD", str(record))
     return record
+
+
+@pytest.fixture
+async def connection(gateway: Server) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A raw client connection to the gateway, closed after the test."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    yield reader, writer
+    writer.close()

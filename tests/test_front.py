@@ -67,13 +67,6 @@ async def read_answer(reader: asyncio.StreamReader) -> bytes:
     return head + await asyncio.wait_for(reader.readexactly(length), GUARD_S)
 
 
-@pytest.fixture
-async def connection(gateway: Server) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-    yield reader, writer
-    writer.close()
-
-
 async def test_plain_posts_on_one_connection_are_answered_by_the_front_byte_for_byte(
     fake: FakeUpstream, gateway: Server, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -85,19 +84,12 @@ async def held(gateway: Server, monkeypatch: pytest.MonkeyPatch) -> HeldPacer:
     return pacer
 
 
-@pytest.fixture
-async def client(gateway: Server) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-    yield reader, writer
-    writer.close()
-
-
 async def test_a_waiting_request_is_answered_once_started_and_what_the_client_sent_meanwhile_after_it(
     fake: FakeUpstream,
     held: HeldPacer,
-    client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    connection: tuple[asyncio.StreamReader, asyncio.StreamWriter],
 ) -> None:
-    reader, writer = client
+    reader, writer = connection
     first, second = post_bytes(body=b'{"n": 1}'), post_bytes(body=b'{"n": 2}')
     writer.write(first)
     await turns_until(lambda: held.waiting)
@@ -116,9 +108,9 @@ async def test_a_waiting_request_is_answered_once_started_and_what_the_client_se
 
 
 async def test_a_waiting_request_whose_client_left_is_not_started(
-    fake: FakeUpstream, gateway: Server, held: HeldPacer, client: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+    fake: FakeUpstream, gateway: Server, held: HeldPacer, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]
 ) -> None:
-    _, writer = client
+    _, writer = connection
     writer.write(post_bytes())
     await turns_until(lambda: held.waiting)
     (waiting,) = held.waiting
