@@ -412,17 +412,16 @@ class EngineConnections:
         goes out the moment it is made, from the callback that says so; an error making it is met where the
         request waits for the answer's head (``EngineConnectError``, ``EngineConnectTimeout``)."""
         conn = self.take_idle(base)
-        if conn is not None:
-            timings.connection_reused = conn.exchanges > 0
-            if not timings.connection_reused:  # opened ahead for this client and made before its request came
-                timings.connect_start = timings.connect_end = now()
+        if conn is not None and conn.exchanges:
+            timings.connection_reused = True
             return conn
         timings.connect_start = now()
         timings.connection_reused = False
-        opening = self._opening.get(base)
-        while opening and opening[0].closed:  # made, then closed by the engine before a request came for it
-            opening.popleft()
-        conn = opening.popleft() if opening else self._start(base, connect_s)
+        if conn is None:  # else one opened ahead and made already, never used: new to this request, not waited for
+            opening = self._opening.get(base)
+            while opening and opening[0].closed:  # made, then closed by the engine before a request came for it
+                opening.popleft()
+            conn = opening.popleft() if opening else self._start(base, connect_s)
         conn.claim(timings)
         return conn
 
