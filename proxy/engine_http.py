@@ -51,8 +51,9 @@ class EngineBroken(Exception):
 
 
 class EngineStale(EngineBroken):
-    """A kept-alive connection closed with no byte of an answer: the engine closed it as idle while the request
-    was on its way, so the request was not taken and can be sent again on a new connection."""
+    """A connection that had waited in the pool (after an answer, or opened ahead) closed with no byte of an answer:
+    the engine closed it as idle while the request was on its way, so the request was not taken and can be sent
+    again on a new connection."""
 
 
 class EngineAddress(NamedTuple):
@@ -91,14 +92,14 @@ class EngineConnection(asyncio.Protocol):
         self.reading_paused = False
         self._writable: asyncio.Future[None] | None = None
         self.closed = False
-        self.idle_since = 0.0
+        self.idle_since = 0.0  # when it was last parked; 0.0 until then (one still being made is not idle)
         # Claimed while still connecting (a connection opened ahead): the request waits here, not in a task.
         self.claimed = False
         self._unsent: bytes | None = None  # written the moment the connection is made
         self._claim_timings: RequestTimings | None = None  # its connect_end is stamped then too
         self._made: asyncio.Future[None] | None = None  # what a streamed upload waits on until then
         self._abandoned = False  # aborted before the connection was made: closed as soon as it is
-        self.exchanges = 0  # requests sent on it: a second one went out on a kept-alive connection
+        self.exchanges = 0  # requests sent on it: none yet, and it is new to the request that takes it
         self._answered = False  # a byte of the current exchange's answer has come
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ class EngineConnection(asyncio.Protocol):
             self._end()
             return
         reason = f": {exc}" if exc else ""
-        if self.exchanges > 1 and not self._answered:
+        if self.idle_since and not self._answered:  # it waited in the pool, where the engine may close it
             self._fail(EngineStale(f"the engine closed a kept-alive connection without answering{reason}"))
             return
         self._fail(EngineBroken(f"the engine closed the connection before the answer was complete{reason}"))

@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 from flushgate.config import Config, Timeouts
 from flushgate.proxy import passthrough
 from flushgate.proxy.client_side import Opened
-from flushgate.proxy.engine_http import EngineConnectError, EngineConnection, EngineConnections
+from flushgate.proxy.engine_http import EngineConnectError, EngineConnection, EngineConnections, EngineStale
 from flushgate.server import Server
 from flushgate.timings import RequestTimings
 
@@ -483,6 +483,19 @@ async def test_a_connection_opened_ahead_and_not_claimed_waits_in_the_pool_and_i
     assert timings.connection_reused is False  # new to this request, though it did not wait for the connect
     assert timings.connect_end == timings.connect_start > 0
     assert engine.connections == 1
+    pool.close()
+
+
+async def test_a_connection_opened_ahead_that_the_engine_closes_unanswered_after_waiting_idle_is_stale(
+    engine: RawEngine,
+) -> None:
+    engine.answers = [CLOSED_UNANSWERED]
+    pool = EngineConnections(5.0)
+    pool.open_ahead(engine.url, 5.0, wanted=1)
+    await turns_until(lambda: pool.idle_count(engine.url))
+    conn = pool.acquire(engine.url, 5.0, RequestTimings(start=0.0))
+    with pytest.raises(EngineStale):
+        await asyncio.wait_for(conn.send(TWO_BYTE_POST, b"{}", 5.0), GUARD_S)
     pool.close()
 
 
