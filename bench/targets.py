@@ -153,10 +153,15 @@ def start_engine(workdir: Path, cpu: Cpus) -> Target:
 ENGINE_KEEPALIVE_S = 60.0
 
 
-def flushgate_serve_args(ports: Sequence[int], port: int, cores: int, extra_args: Sequence[str] = ()) -> list[str]:
-    """``flushgate serve`` attached to each engine port, one worker per core, idle engine connections kept as nginx
-    keeps them; ``extra_args`` last, so they win."""
+def flushgate_tuning(cores: int, extra_args: Sequence[str] = ()) -> list[str]:
+    """The flags that shape how flushgate runs (named in the report's version line): one worker per core, idle
+    engine connections kept as nginx keeps them; ``extra_args`` last, so they win."""
     workers = ["--workers", str(cores)] if cores > 1 else []
+    return [*workers, "--engine-keepalive", f"{ENGINE_KEEPALIVE_S:g}", *extra_args]
+
+
+def flushgate_serve_args(ports: Sequence[int], port: int, cores: int, extra_args: Sequence[str] = ()) -> list[str]:
+    """``flushgate serve`` attached to each engine port, listening on ``port``, tuned by ``flushgate_tuning``."""
     return [
         "serve",
         *(arg for each in ports for arg in ("--upstream", f"http://{HOST}:{each}")),
@@ -166,10 +171,7 @@ def flushgate_serve_args(ports: Sequence[int], port: int, cores: int, extra_args
         str(port),
         "--log-format",
         "json",
-        *workers,
-        "--engine-keepalive",
-        f"{ENGINE_KEEPALIVE_S:g}",
-        *extra_args,
+        *flushgate_tuning(cores, extra_args),
     ]
 
 
@@ -186,13 +188,13 @@ def start_flushgate(
     port = free_port()
     log_path = log_to or Path(os.devnull)
     ports = [engine_port] if isinstance(engine_port, int) else list(engine_port)
-    serve = flushgate_serve_args(ports, port, core_count(cpu), extra_args)
-    command = pinned([sys.executable, "-m", "flushgate", *serve], cpu)
+    cores = core_count(cpu)
+    command = pinned([sys.executable, "-m", "flushgate", *flushgate_serve_args(ports, port, cores, extra_args)], cpu)
     with log_path.open("ab") as log:
         process = _spawn(command, log)
     from flushgate import __version__
 
-    version = " ".join(["flushgate", __version__, *serve[serve.index("json") + 1 :]])
+    version = " ".join(["flushgate", __version__, *flushgate_tuning(cores, extra_args)])
     target = Target(name, port, process, log_path, version)
     target.wait_ready("/healthz", 30)
     return target

@@ -44,8 +44,6 @@ def engine_keepalive(given: float | None, *, managed: bool, environ: Mapping[str
     managed engine is started with its time set to this one plus a second (``managed_engine_env``), unless the
     environment already sets it; then that is the bound.
     """
-    if given is not None and given < 0:
-        raise ConfigError("--engine-keepalive must not be negative (0: a new connection for every request)")
     engines_own = environ.get(ENGINE_KEEPALIVE_ENV) if managed else None
     if engines_own is not None:
         try:

@@ -19,7 +19,7 @@ from flushgate.bench.procstat import parse_stat
 from flushgate.bench.report import FLUSHGATE, NGINX, Cell, checks
 from flushgate.bench.runner import rotated
 from flushgate.bench.stats import Spread, added, percentile, within
-from flushgate.bench.targets import ENGINE_KEEPALIVE_S, Target, flushgate_serve_args, nginx_config
+from flushgate.bench.targets import ENGINE_KEEPALIVE_S, Target, flushgate_serve_args, flushgate_tuning, nginx_config
 from flushgate.cli import build_parser, config_from_args
 
 DEADLOCK_GUARD_S = 10
@@ -265,3 +265,10 @@ def test_both_proxies_keep_idle_engine_connections_equally_long_and_extra_flags_
     assert f"keepalive_timeout {ENGINE_KEEPALIVE_S:g}s;" in nginx_config(tmp_path, [8001, 8002], 9000)
     told = build_parser().parse_args(flushgate_serve_args([8001], 9000, 1, ["--engine-keepalive", "4"]))
     assert config_from_args(told).timeouts.engine_keepalive == 4
+
+
+def test_the_reports_version_line_names_every_tuning_flag_and_no_address() -> None:
+    tuning = flushgate_tuning(2, ["--idle-timeout", "0"])
+    assert tuning == ["--workers", "2", "--engine-keepalive", "60", "--idle-timeout", "0"]
+    argv = flushgate_serve_args([8001], 9000, 2, ["--idle-timeout", "0"])
+    assert argv[-len(tuning) :] == tuning
