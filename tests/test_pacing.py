@@ -16,12 +16,24 @@ from tests.test_front import post_bytes, read_answer
 GUARD_S = 10
 
 
+class Clock:
+    """The pacer's clock, moved by the test: by the loop's other work, and by each start's cost."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class Named:
-    def __init__(self, name: int, started: list[int]) -> None:
-        self.name, self._started = name, started
+    def __init__(self, name: int, started: list[int], clock: Clock | None = None, cost_s: float = 0.0) -> None:
+        self.name, self._started, self._clock, self._cost_s = name, started, clock, cost_s
 
     def start_if_still_wanted(self) -> None:
         self._started.append(self.name)
+        if self._clock:
+            self._clock.now += self._cost_s
 
 
 async def one_turn() -> None:
@@ -30,7 +42,7 @@ async def one_turn() -> None:
 
 
 async def test_at_most_the_budget_starts_in_a_turn_and_the_rest_follow_in_order_a_turn_at_a_time() -> None:
-    pacer = StartPacer(asyncio.get_running_loop(), per_turn=4)
+    pacer = StartPacer(asyncio.get_running_loop(), per_turn=4, clock=Clock())  # time stands still: the count rules
     started: list[int] = []
     admitted = [pacer.admit(Named(n, started)) for n in range(10)]
     assert admitted == [True] * 4 + [False] * 6
@@ -45,9 +57,28 @@ async def test_at_most_the_budget_starts_in_a_turn_and_the_rest_follow_in_order_
     assert pacer.waiting == 0
 
 
+async def test_a_turn_starts_more_while_its_starts_took_less_than_the_loops_other_work_since_the_last_turn() -> None:
+    clock = Clock()
+    pacer = StartPacer(asyncio.get_running_loop(), per_turn=2, clock=clock)
+    started: list[int] = []
+    assert [pacer.admit(Named(n, started, clock, cost_s=0.3)) for n in range(13)] == [True] * 2 + [False] * 11
+    clock.now = 1.0  # the rest of this turn and the poll took 1 s: the next turn's starts may take as long
+    await one_turn()
+    assert started == [2, 3, 4, 5]  # two by the count, then 1.6 < 2.0 and 1.9 < 2.0 s; 2.2 is over
+    await one_turn()  # nothing else ran since: the count alone
+    assert started == [2, 3, 4, 5, 6, 7]
+    clock.now += 0.5
+    await one_turn()
+    assert started == [2, 3, 4, 5, 6, 7, 8, 9]  # 0.5 s of other work: two starts (0.6 s) fill it
+    clock.now += 0.7
+    await one_turn()
+    assert started == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]  # 0.7 s: a third start, begun at 0.6 s, still fits
+    assert pacer.waiting == 0
+
+
 async def test_a_quiet_loop_keeps_no_callback_of_the_pacer() -> None:
     loop = asyncio.get_running_loop()
-    pacer = StartPacer(loop, per_turn=2)
+    pacer = StartPacer(loop, per_turn=2, clock=Clock())
     started: list[int] = []
     for n in range(3):
         pacer.admit(Named(n, started))
