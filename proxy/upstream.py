@@ -43,6 +43,15 @@ class FailedBeforeAnswer:
         return cls(502, "upstream_error", f"the engine at {base} failed before answering: {exc}", False)
 
 
+def closed_unanswered(exc: BaseException, timings: RequestTimings) -> bool:
+    """A pooled connection the engine closed or reset with no answer: its idle close crossed the request's way,
+    and the request may go once more on a new connection, as the pass-through does (``EngineStale``). aiohttp
+    resends only idempotent requests itself; the engine's are POSTs."""
+    if not timings.connection_reused or isinstance(exc, aiohttp.ClientConnectorError):
+        return False
+    return isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError))
+
+
 @dataclass(frozen=True, slots=True)
 class Readiness:
     ready: bool

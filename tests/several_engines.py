@@ -65,10 +65,16 @@ class EngineFarm:
 
     def _handler_for(self, index: int) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handler(request: web.Request) -> web.StreamResponse:
+            # Checks and catalog answers close their connection: a scripted request then comes on a new one, so
+            # its hang-up is the engine failing, not an idle close crossing it (that is sent again, unheld).
             if request.path == "/health":
-                return web.Response(status=200 if self.healthy[index] else 503)
+                checked = web.Response(status=200 if self.healthy[index] else 503)
+                checked.force_close()
+                return checked
             if request.path in ("/v1/models", "/tokenize"):
-                return await self.catalog(request)
+                listed = await self.catalog(request)
+                listed.force_close()
+                return listed
             body = await request.read()
             behaviour = self.script.pop(0) if self.script else complete_answer
             async with self.arrived:

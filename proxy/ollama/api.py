@@ -21,6 +21,7 @@ from flushgate.proxy.ollama.relay import answer, upstream_headers
 from flushgate.proxy.ollama.request import chat_call, generate_call, parse_body, requested_model
 from flushgate.proxy.pool import EngineMember
 from flushgate.proxy.state import GATEWAY, Gateway
+from flushgate.proxy.upstream import closed_unanswered
 from flushgate.record import RequestRecord
 from flushgate.timings import RequestTimings, now
 
@@ -253,6 +254,8 @@ class OllamaApi:
         data = orjson.dumps(payload)
         tried: list[EngineMember] = []
         failover: list[dict[str, str]] = []
+        traced = RequestTimings(now())  # the session's tracing says here whether the engine connection was pooled
+        resent = False
         gateway.enter()
         try:
             while True:  # an embedding changes nothing: an engine that fails before answering leaves it to another
@@ -260,19 +263,27 @@ class OllamaApi:
                 if member is None:
                     refusal = router.no_engine()
                     raise OllamaError(503, refusal.message, {"Retry-After": str(refusal.retry_after_s)})
-                tried.append(member)
                 router.acquire(member)
+                headed = False
                 try:
-                    async with gateway.session.post(member.url + "/v1/embeddings", data=data, headers=headers) as resp:
+                    async with gateway.session.post(
+                        member.url + "/v1/embeddings", data=data, headers=headers, trace_request_ctx=traced
+                    ) as resp:
+                        headed = True
                         raw = await resp.read()
                         status = resp.status
                 except (aiohttp.ClientError, TimeoutError) as exc:
+                    if not resent and not headed and closed_unanswered(exc, traced):
+                        resent = True  # once, held against nobody, as for a chat
+                        continue
+                    tried.append(member)
                     failure = router.failed_before_answer(member, exc, failover, tried)
                     if failure is None:
                         continue
                     raise OllamaError(failure.status, failure.message) from None
                 finally:
                     router.release(member)
+                tried.append(member)
                 router.answered(member, status)
                 if router.retries_status(member, status, failover, tried):
                     continue

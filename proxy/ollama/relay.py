@@ -24,6 +24,7 @@ from flushgate.proxy.ollama.request import EngineCall
 from flushgate.proxy.ollama.sse import SseEvents
 from flushgate.proxy.pool import EngineMember
 from flushgate.proxy.state import Gateway
+from flushgate.proxy.upstream import closed_unanswered
 from flushgate.record import RequestRecord
 from flushgate.timings import FAST_CHUNK_S, now
 
@@ -56,7 +57,8 @@ async def open_engine_stream(
 
     The engine is picked as for the OpenAI routes (least outstanding, or this conversation's engine) and counts
     the request as outstanding until the caller releases it. An engine that fails before answering is left for
-    another while retries remain: nothing has reached the client yet, and the body is ours to send again.
+    another while retries remain: nothing has reached the client yet, and the body is ours to send again. A
+    pooled connection the engine closed under the request with no answer sends it once more, held against nobody.
     """
     refusal = gateway.refusal()
     if refusal is not None:
@@ -87,6 +89,9 @@ async def open_engine_stream(
                     trace_request_ctx=record.timings,  # the session's tracing stamps connect or pooled reuse here
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
+                if record.stale_resent is None and closed_unanswered(exc, record.timings):
+                    record.stale_resent = base  # once, held against nobody: the engine may well be picked again
+                    continue
                 tried.append(member)
                 failure = router.failed_before_answer(member, exc, record.failover, tried)
                 if failure is None:
