@@ -44,6 +44,11 @@ from flushgate.proxy.state import Gateway
 from flushgate.timings import now
 
 BODY_CAP = 1 << 20  # larger bodies go to aiohttp's server, which streams them on instead of reading them first
+# Bytes the gateway holds for a client whose socket is full before it stops reading the engine (asyncio's and
+# uvloop's default is 64 KiB). Tokens held here wait behind the ones before them, as in a socket buffer, and
+# the engine does not feel the slow reader until they are gone; nginx holds one 4 or 8 KiB buffer
+# (``proxy_buffer_size``). The benchmark's back-to-back stream: docs/bench/README.md.
+CLIENT_WRITE_HIGH = 4096
 FORWARDED_PATHS = frozenset({b"/tokenize", b"/detokenize"})  # and every path under /v1/ (proxy/app.py)
 _NO_BODY = frozenset({204, 304})
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -226,6 +231,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
+        self.transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH)
         peer = transport.get_extra_info("peername")  # TCP_NODELAY: uvloop and asyncio set it on every TCP socket
         self.remote = peer[0] if isinstance(peer, tuple) else None
         front = self._front
