@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -246,3 +247,16 @@ async def export_llm_span(endpoint: str, engine_id: str, timing: dict[str, float
     body = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[span])])])
     async with aiohttp.ClientSession() as session, session.post(endpoint, data=body.SerializeToString()) as resp:
         assert resp.status == 200
+
+
+async def assert_resent_once_unheld(logs: Sequence[Mapping[str, Any]], gateway_url: str, engine_url: str) -> None:
+    """The one request record says the engine closed a pooled connection under it and it was sent again, with no
+    failover, and ``/metrics`` counts that once."""
+    import aiohttp
+
+    (record,) = [entry for entry in logs if entry["event"] == "request"]
+    assert record["stale_connection_resent"] == engine_url
+    assert record["outcome"] == "completed"
+    assert "failover" not in record
+    async with aiohttp.ClientSession() as http, http.get(gateway_url + "/metrics") as resp:
+        assert f'flushgate_engine_stale_resends_total{{engine="{engine_url}"}} 1.0' in await resp.text()

@@ -24,6 +24,7 @@ from flushgate.proxy.client_side import Opened
 from flushgate.proxy.engine_http import EngineConnectError, EngineConnection, EngineConnections, EngineStale
 from flushgate.server import Server
 from flushgate.timings import RequestTimings
+from tests.fakes import assert_resent_once_unheld
 
 GUARD_S = 10
 Answer = Callable[[asyncio.StreamWriter], "asyncio.Future[None] | None"]
@@ -218,12 +219,7 @@ async def test_a_kept_alive_connection_the_engine_closes_without_answering_is_se
     with capture_logs() as logs:
         assert await post(http, gateway_url, b'{"n": 2}') == (200, b'{"ok":true}')  # one engine: no failover
     assert [(s.connection, s.body) for s in engine.seen] == [(1, b"{}"), (1, b'{"n": 2}'), (2, b'{"n": 2}')]
-    (record,) = [entry for entry in logs if entry["event"] == "request"]
-    assert record["stale_connection_resent"] == engine.url
-    assert record["outcome"] == "completed"
-    assert "failover" not in record
-    async with http.get(gateway_url + "/metrics") as resp:
-        assert f'flushgate_engine_stale_resends_total{{engine="{engine.url}"}} 1.0' in await resp.text()
+    await assert_resent_once_unheld(logs, gateway_url, engine.url)
 
 
 async def test_a_request_is_sent_again_once_and_a_new_connection_closed_unanswered_is_a_502(

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from tests.fakes import FakeModel, FakeUpstream, Handler, ScriptedEngine, stream_hello
+from tests.fakes import FakeModel, FakeUpstream, Handler, ScriptedEngine, assert_resent_once_unheld, stream_hello
 
 CHAT = orjson.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "stream": False})
 
@@ -57,12 +57,7 @@ async def test_a_chat_whose_pooled_connection_the_engine_closes_unanswered_is_se
             assert (await resp.json())["message"]["content"] == "Hello"
     assert len(engine.generations) == 3
     assert calls.connections[2] != calls.connections[1]  # sent again on a new connection
-    (record,) = [entry for entry in logs if entry["event"] == "request"]
-    assert record["stale_connection_resent"] == fake.url
-    assert record["outcome"] == "completed"
-    assert "failover" not in record
-    async with http.get(gateway_url + "/metrics") as resp:
-        assert f'flushgate_engine_stale_resends_total{{engine="{fake.url}"}} 1.0' in await resp.text()
+    await assert_resent_once_unheld(logs, gateway_url, fake.url)
 
 
 async def test_only_once_a_new_connection_closed_unanswered_is_a_502_in_ollamas_shape(
