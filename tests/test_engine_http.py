@@ -25,6 +25,7 @@ from flushgate.proxy.engine_http import EngineConnectError, EngineConnection, En
 from flushgate.server import Server
 from flushgate.timings import RequestTimings
 from tests.fakes import assert_resent_once_unheld
+from tests.turns import turns_until
 
 GUARD_S = 10
 Answer = Callable[[asyncio.StreamWriter], "asyncio.Future[None] | None"]
@@ -121,14 +122,6 @@ OK = (answer("200 OK", ["Content-Type: application/json", "Content-Length: 11"],
 
 
 TWO_BYTE_POST = b"POST /v1/completions HTTP/1.1\r\nHost: e\r\nContent-Length: 2\r\n\r\n"  # its body: b"{}"
-
-
-async def turns_until(done: Callable[[], object], turns: int = 10_000) -> None:
-    """Let the loop turn until ``done()`` (a close or a connect is seen within a few turns); the caller asserts."""
-    for _ in range(turns):
-        if done():
-            return
-        await asyncio.sleep(0)
 
 
 async def post(http: aiohttp.ClientSession, url: str, data: bytes = b"{}") -> tuple[int, bytes]:

@@ -34,6 +34,7 @@ from tests.fakes import (
     stream_hello,
 )
 from tests.raw_http import parse_response
+from tests.turns import turns_until
 
 GUARD_S = 10
 CHAT = "/v1/chat/completions"
@@ -300,10 +301,7 @@ async def test_a_client_whose_socket_is_full_has_at_most_4_kib_held_for_it_befor
 ) -> None:
     """Not asyncio's 64 KiB: tokens held in the gateway wait behind the ones before them (docs/bench/README.md)."""
     assert gateway.front is not None
-    for _ in range(10_000):  # until the gateway's loop has accepted the connection (a few iterations)
-        if gateway.front.connections:
-            break
-        await asyncio.sleep(0)
+    await turns_until(lambda: gateway.front is not None and gateway.front.connections)  # accepted
     (client,) = gateway.front.connections
     assert client.transport is not None
     assert client.transport.get_write_buffer_limits() == (front.CLIENT_WRITE_HIGH // 4, front.CLIENT_WRITE_HIGH)
@@ -321,10 +319,7 @@ async def test_a_closed_connection_is_freed_without_a_garbage_collection(fake: F
         writer.write(post_bytes())
         assert parse_response(await read_answer(reader), "POST").status == 200
         writer.close()
-        for _ in range(10_000):  # until the gateway's loop has seen the close (a few iterations)
-            if not gateway.front.connections:
-                break
-            await asyncio.sleep(0)
+        await turns_until(lambda: gateway.front is not None and not gateway.front.connections)  # the close seen
         assert not gateway.front.connections
         assert not [o for o in gc.get_objects() if isinstance(o, front.ClientConnection)]
     finally:

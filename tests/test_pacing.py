@@ -12,6 +12,7 @@ from flushgate.proxy.pacing import Startable, StartPacer
 from flushgate.server import Server
 from tests.fakes import FakeUpstream
 from tests.test_front import post_bytes, read_answer
+from tests.turns import turns_until
 
 GUARD_S = 10
 
@@ -97,14 +98,6 @@ class HeldPacer:
     def admit(self, request: Startable) -> bool:
         self.waiting.append(request)
         return False
-
-
-async def turns_until(done: object, turns: int = 10_000) -> None:
-    assert callable(done)
-    for _ in range(turns):
-        if done():
-            return
-        await asyncio.sleep(0)
 
 
 @pytest.fixture
