@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,6 +180,23 @@ async def test_fake_engine_streams_reach_the_load_generator_whole_and_in_order()
         assert result.ttft_ns is not None
         assert result.ttft_ns > 0
         assert all(delay >= 0 for delay in result.delays_ns)
+
+
+async def test_a_back_to_back_stream_gives_up_the_core_after_every_sixteen_tokens_that_more_follow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    yields: list[int] = []
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(1))
+    server, port = await start_engine()
+    try:
+        scenario = Scenario("b2b", streams=1, requests=1, tokens=64, interval_us=0, deadline_s=DEADLOCK_GUARD_S)
+        run = await run_scenario("127.0.0.1", port, scenario)
+    finally:
+        server.close()
+    (result,) = run.results()
+    assert result.complete
+    assert result.tokens == 64
+    assert len(yields) == 3  # after tokens 16, 32 and 48; the 64th ends the stream
 
 
 async def test_no_garbage_collection_runs_in_the_load_generator_while_a_scenario_measures(
