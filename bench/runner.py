@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flushgate.bench.arrivals import arrivals
 from flushgate.bench.loadgen import Scenario, ScenarioRun, run_scenario
 from flushgate.bench.procstat import machine_busy_seconds, tree_cpu_seconds
 from flushgate.bench.report import (
@@ -54,7 +55,7 @@ SCENARIOS = (
     Scenario("1x8ms", streams=1, requests=20, tokens=32, interval_us=8000, deadline_s=30),
     Scenario("64x8ms", streams=64, requests=2, tokens=64, interval_us=8000, deadline_s=20),
     Scenario("256x1ms", streams=256, requests=1, tokens=200, interval_us=1000, deadline_s=20),
-    Scenario("1xb2b", streams=1, requests=3, tokens=4000, interval_us=0, deadline_s=15),
+    Scenario("1xb2b", streams=1, requests=12, tokens=4000, interval_us=0, deadline_s=15),
 )
 TITLES = {
     "1x8ms": "1 stream, 8 ms/token",
@@ -127,6 +128,7 @@ class Bench:
         self.more_engines: list[Target] = []  # with --engines N: the other N-1, behind flushgate and nginx only
         self.skipped: dict[str, str] = {}
         self.orders: list[list[str]] = []
+        self.arrivals: list[dict[str, Any]] = []  # with --arrivals: one line per request
         self.api_key = "sk-" + secrets.token_hex(32)  # LiteLLM's master key, sent to every target alike
 
     def log(self, message: str) -> None:
@@ -199,6 +201,9 @@ class Bench:
         foreign = max((busy_after - busy_before) - (ours_after - ours_before), 0.0)
         cell = self.cells[scenario.name].setdefault(target.name, Cell())
         cell.add(run, cpu, (foreign, window))
+        if self.args.arrivals:
+            where = {"round": len(self.orders), "target": target.name, "scenario": scenario.name}
+            self.arrivals += [where | asdict(arrivals(r)) for r in run.recordings]
         self.log(
             f"  {target.name:13} {scenario.name:8} {(run.ended_ns - run.started_ns) / 1e9:6.2f} s"
             f"  errors {cell.errors} incomplete {cell.incomplete} (all rounds so far)"
@@ -385,6 +390,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--nice", type=int, default=-10, help="scheduling priority of every benchmark process")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--arrivals",
+        action="store_true",
+        help="also write arrivals.jsonl: per request, the pieces it arrived in and those holding a late token",
+    )
     args = parser.parse_args(argv)
     known = {s.name: s for s in SCENARIOS}
     unknown = [n for n in args.scenarios if n not in known]
@@ -416,6 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.stop()
         data = bench.results()
     write_outputs(args.out, data, plot=not args.no_plot)
+    if args.arrivals:
+        lines = (json.dumps(line) + "\n" for line in bench.arrivals)
+        (args.out / "arrivals.jsonl").write_text("".join(lines))
     print((args.out / "results.md").read_text())
     return 0
 
