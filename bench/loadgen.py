@@ -180,7 +180,7 @@ class RequestResult:
         return self.error is None and self.complete
 
 
-def _token_stamp(data: bytes) -> tuple[int, int] | None:
+def token_stamp(data: bytes) -> tuple[int, int] | None:
     """(seq, send_ns) from an event's ``content`` of ``t<seq>:<ns>``; None for events without a token."""
     if data == b"[DONE]":
         return None
@@ -217,7 +217,7 @@ def analyse(recording: Recording, expected_tokens: int) -> RequestResult:
                     if data == b"[DONE]":
                         saw_done = True
                         continue
-                    stamp = _token_stamp(data)
+                    stamp = token_stamp(data)
                     if stamp is None:
                         continue
                     seq, sent_ns = stamp

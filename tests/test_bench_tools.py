@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from flushgate.bench import loadgen
+from flushgate.bench.arrivals import LatePiece, arrivals
 from flushgate.bench.chunk_position import by_position
 from flushgate.bench.engine import start_engine
 from flushgate.bench.framing import EventSplitter, FramingError, MessageParser, event_data
@@ -148,6 +149,28 @@ def test_analysis_matches_each_event_with_the_arrival_of_the_piece_that_complete
     assert result.delays_ns == [100, 500]
     assert result.ok
     assert result.in_order
+
+
+def test_arrivals_list_the_pieces_in_which_a_token_had_waited_and_when_they_came() -> None:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    stalled = _token(1, 1_000_000) + _token(2, 1_100_000) + _token(3, 2_900_000)
+    recording = Recording(
+        started_ns=0,
+        pieces=[
+            (1_000_000, head + _token(0, 950_000)),  # waited 0.05 ms
+            (3_000_000, stalled),  # waited 2.0, 1.9 and 0.1 ms
+            (3_100_000, _token(4, 3_000_000) + b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"),
+        ],
+    )
+    seen = arrivals(recording, late_ms=0.5)
+    assert seen.pieces == 3
+    assert seen.largest_piece == len(stalled)
+    assert seen.span_ms == pytest.approx(2.1)
+    assert seen.late_pieces == 1
+    assert seen.late == [LatePiece(at_ms=2.0, size=len(stalled), tokens=3, first_seq=1, waited_ms=2.0)]
+    assert seen.delay_p50_ms == pytest.approx(0.1)
+    assert arrivals(recording, late_ms=0.5, keep=0).late == []
+    assert arrivals(recording, late_ms=0.5, keep=0).late_pieces == 1
 
 
 def test_analysis_calls_a_stream_without_its_end_incomplete() -> None:
