@@ -201,7 +201,7 @@ class Bench:
         foreign = max((busy_after - busy_before) - (ours_after - ours_before), 0.0)
         cell = self.cells[scenario.name].setdefault(target.name, Cell())
         cell.add(run, cpu, (foreign, window))
-        if self.args.arrivals:
+        if scenario.name in self.args.arrivals:
             where = {"round": len(self.orders), "target": target.name, "scenario": scenario.name}
             self.arrivals += [where | asdict(arrivals(r)) for r in run.recordings]
         self.log(
@@ -392,12 +392,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument(
         "--arrivals",
-        action="store_true",
-        help="also write arrivals.jsonl: per request, the pieces it arrived in and those holding a late token",
+        nargs="+",
+        default=[],
+        metavar="SCENARIO",
+        help="also write arrivals.jsonl: per request of these scenarios, the pieces it arrived in and those "
+        "holding a late token",
     )
     args = parser.parse_args(argv)
     known = {s.name: s for s in SCENARIOS}
-    unknown = [n for n in args.scenarios if n not in known]
+    unknown = [n for n in [*args.scenarios, *args.arrivals] if n not in known]
     if unknown:
         parser.error(f"unknown scenarios {unknown}; known: {list(known)}")
     args.scenarios = [known[n] for n in args.scenarios]
