@@ -257,14 +257,16 @@ def _version(command: list[str]) -> str:
     return text[-1] if text else "unknown"
 
 
-def start_nginx(workdir: Path, engine_port: int | Sequence[int], cpu: Cpus, nginx: str) -> Target:
+def start_nginx(workdir: Path, engine_port: int | Sequence[int], cpu: Cpus, nginx: str, name: str = "nginx") -> Target:
+    """nginx with ``nginx_config``; its configuration, pid file and temporary files live in ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = workdir / "nginx.conf"
     conf.write_text(nginx_config(workdir, engine_port, port, core_count(cpu)))
     log_path = workdir / "nginx.out"
     with log_path.open("ab") as log:
         process = _spawn(pinned([nginx, "-p", str(workdir), "-c", str(conf), "-e", "stderr"], cpu), log)
-    target = Target("nginx", port, process, log_path, _version([nginx, "-v"]))
+    target = Target(name, port, process, log_path, _version([nginx, "-v"]))
     target.wait_ready("/health", 30)
     return target
 

@@ -18,7 +18,7 @@ from flushgate.bench.engine import start_engine
 from flushgate.bench.framing import EventSplitter, FramingError, MessageParser, event_data
 from flushgate.bench.loadgen import Recording, RequestResult, Scenario, analyse, fetch_stream, run_scenario
 from flushgate.bench.procstat import parse_stat
-from flushgate.bench.report import FLUSHGATE, NGINX, Cell, checks
+from flushgate.bench.report import FLUSHGATE, NGINX, NGINX_AGAIN, Cell, checks
 from flushgate.bench.runner import rotated
 from flushgate.bench.stats import Spread, added, percentile, within
 from flushgate.bench.targets import ENGINE_KEEPALIVE_S, Target, flushgate_serve_args, flushgate_tuning, nginx_config
@@ -285,6 +285,20 @@ def test_delay_goal_is_met_within_one_and_a_half_times_nginx_and_not_beyond() ->
     far = {"s": {"engine-direct": _cell(direct), NGINX: _cell([3.0] * 100), FLUSHGATE: _cell([5.0] * 100)}}
     assert checks(near, stress="s", many="s")[0].met is True  # adds 3.0 ms against nginx's 2.0
     assert checks(far, stress="s", many="s")[0].met is False  # adds 4.0 ms against nginx's 2.0
+
+
+def test_the_goals_can_judge_a_second_nginx_in_flushgates_place() -> None:
+    direct = [1.0] * 100
+    cells = {"engine-direct": _cell(direct), NGINX: _cell([3.0] * 100), FLUSHGATE: _cell([9.0] * 100)}
+    results = {"s": cells | {NGINX_AGAIN: _cell([4.0] * 100)}}
+    for_flushgate = checks(results, stress="s", many="s")
+    for_nginx_again = checks(results, stress="s", many="s", candidate=NGINX_AGAIN)
+    assert for_flushgate[0].met is False  # flushgate adds 8.0 ms against nginx's 2.0
+    assert for_nginx_again[0].met is True  # the second nginx adds 3.0
+    assert "s p50: 3.000 vs nginx 2.000" in for_nginx_again[0].detail
+    assert checks({"s": cells}, stress="s", many="s", candidate=NGINX_AGAIN)[1].detail == (
+        "nginx-again or nginx not measured"
+    )
 
 
 def test_chunk_delays_are_split_by_the_tokens_place_and_the_slowest_found_where_they_are() -> None:
