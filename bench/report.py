@@ -193,10 +193,10 @@ def _cpu_check(results: Results, candidate: str) -> Check:
 def _litellm_check(table: dict[str, dict[str, dict[str, Any]]], scenario: str) -> Check:
     goal = f"{scenario}: added TTFT p50 at least 10x better than LiteLLM's"
     cells = table.get(scenario, {})
-    judged, ll = cells.get(FLUSHGATE), cells.get(LITELLM)
-    if judged is None or ll is None or judged["added_ttft_p50_ms"] is None or ll["added_ttft_p50_ms"] is None:
+    fg, ll = cells.get(FLUSHGATE), cells.get(LITELLM)
+    if fg is None or ll is None or fg["added_ttft_p50_ms"] is None or ll["added_ttft_p50_ms"] is None:
         return Check(goal, None, "flushgate or LiteLLM not measured")
-    mine, theirs = judged["added_ttft_p50_ms"], ll["added_ttft_p50_ms"]
+    mine, theirs = fg["added_ttft_p50_ms"], ll["added_ttft_p50_ms"]
     # Where flushgate adds nothing measurable the ratio is unbounded; the noise floor stands in for it.
     ratio = theirs / max(mine, NOISE_FLOOR_MS / 10)
     return Check(goal, ratio >= 10, f"flushgate {mine:.3f} vs LiteLLM {theirs:.3f} ms ({ratio:.1f}x)")
