@@ -129,7 +129,7 @@ class Bench:
         self.more_engines: list[Target] = []  # with --engines N: the other N-1, behind flushgate and nginx only
         self.skipped: dict[str, str] = {}
         self.orders: list[list[str]] = []
-        self.arrivals: list[dict[str, Any]] = []  # with --arrivals: one line per request
+        self.arrivals: list[dict[str, Any]] = []  # one line per request of the scenarios --arrivals names
         self.api_key = "sk-" + secrets.token_hex(32)  # LiteLLM's master key, sent to every target alike
 
     def log(self, message: str) -> None:
