@@ -16,7 +16,15 @@ from flushgate.bench.arrivals import LatePiece, arrivals
 from flushgate.bench.chunk_position import by_position
 from flushgate.bench.engine import start_engine
 from flushgate.bench.framing import EventSplitter, FramingError, MessageParser, event_data
-from flushgate.bench.loadgen import Recording, RequestResult, Scenario, analyse, fetch_stream, run_scenario
+from flushgate.bench.loadgen import (
+    Recording,
+    RequestResult,
+    Scenario,
+    ScenarioRun,
+    analyse,
+    fetch_stream,
+    run_scenario,
+)
 from flushgate.bench.procstat import parse_stat
 from flushgate.bench.report import FLUSHGATE, NGINX, NGINX_AGAIN, Cell, checks
 from flushgate.bench.runner import rotated
@@ -186,14 +194,17 @@ def test_analysis_reports_an_error_status() -> None:
     assert analyse(recording, expected_tokens=1).error == "status 502"
 
 
-async def test_fake_engine_streams_reach_the_load_generator_whole_and_in_order() -> None:
+async def _through_the_fake_engine(scenario: Scenario) -> ScenarioRun:
     server, port = await start_engine()
     try:
-        scenario = Scenario("tiny", streams=2, requests=1, tokens=5, interval_us=1000, deadline_s=DEADLOCK_GUARD_S)
-        run = await run_scenario("127.0.0.1", port, scenario)
+        return await run_scenario("127.0.0.1", port, scenario)
     finally:
         server.close()
-    results = run.results()
+
+
+async def test_fake_engine_streams_reach_the_load_generator_whole_and_in_order() -> None:
+    scenario = Scenario("tiny", streams=2, requests=1, tokens=5, interval_us=1000, deadline_s=DEADLOCK_GUARD_S)
+    results = (await _through_the_fake_engine(scenario)).results()
     assert len(results) == 2
     for result in results:
         assert result.error is None
@@ -210,13 +221,8 @@ async def test_a_back_to_back_stream_gives_up_the_core_after_every_sixteen_token
 ) -> None:
     yields: list[int] = []
     monkeypatch.setattr(os, "sched_yield", lambda: yields.append(1))
-    server, port = await start_engine()
-    try:
-        scenario = Scenario("b2b", streams=1, requests=1, tokens=64, interval_us=0, deadline_s=DEADLOCK_GUARD_S)
-        run = await run_scenario("127.0.0.1", port, scenario)
-    finally:
-        server.close()
-    (result,) = run.results()
+    scenario = Scenario("b2b", streams=1, requests=1, tokens=64, interval_us=0, deadline_s=DEADLOCK_GUARD_S)
+    (result,) = (await _through_the_fake_engine(scenario)).results()
     assert result.complete
     assert result.tokens == 64
     assert len(yields) == 3  # after tokens 16, 32 and 48; the 64th ends the stream
