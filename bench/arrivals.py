@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flushgate.bench.framing import EventSplitter, FramingError, MessageParser, event_data
-from flushgate.bench.loadgen import Recording, token_stamp
+from flushgate.bench.framing import FramingError, MessageParser
+from flushgate.bench.loadgen import Recording, token_pieces
 from flushgate.bench.stats import percentile
 
 LATE_MS = 0.5  # a piece is listed when a token in it waited longer than this
@@ -39,29 +39,20 @@ class Arrivals:
 
 def arrivals(recording: Recording, late_ms: float = LATE_MS, keep: int = KEEP_LATE) -> Arrivals:
     """Walk the recorded pieces as the load generator's analysis does, noting each piece's tokens and waits."""
-    parser, splitter = MessageParser(), EventSplitter()
     delays: list[float] = []
     late: list[LatePiece] = []
     late_count = 0
     first_ns = recording.pieces[0][0] if recording.pieces else 0
     try:
-        for recv_ns, piece in recording.pieces:
-            tokens, first_seq, waited = 0, -1, 0.0
-            for body in parser.feed(piece):
-                for event in splitter.feed(body):
-                    data = event_data(event)
-                    stamp = None if data is None else token_stamp(data)
-                    if stamp is None:
-                        continue
-                    wait = (recv_ns - stamp[1]) / 1e6
-                    delays.append(wait)
-                    tokens += 1
-                    first_seq = stamp[0] if first_seq < 0 else first_seq
-                    waited = max(waited, wait)
+        for recv_ns, piece, stamps, _ in token_pieces(recording, MessageParser()):
+            waits = [(recv_ns - sent_ns) / 1e6 for _, sent_ns in stamps]
+            delays += waits
+            waited = max(waits, default=0.0)
             if waited > late_ms:
                 late_count += 1
                 if len(late) < keep:
-                    late.append(LatePiece(round((recv_ns - first_ns) / 1e6, 3), len(piece), tokens, first_seq, waited))
+                    at_ms = round((recv_ns - first_ns) / 1e6, 3)
+                    late.append(LatePiece(at_ms, len(piece), len(stamps), stamps[0][0], waited))
     except FramingError:
         pass  # the load generator's analysis reports it; what was read up to there is still told here
     span = (recording.pieces[-1][0] - first_ns) / 1e6 if recording.pieces else 0.0

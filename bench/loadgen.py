@@ -11,6 +11,7 @@ import asyncio
 import gc
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -180,7 +181,7 @@ class RequestResult:
         return self.error is None and self.complete
 
 
-def token_stamp(data: bytes) -> tuple[int, int] | None:
+def _token_stamp(data: bytes) -> tuple[int, int] | None:
     """(seq, send_ns) from an event's ``content`` of ``t<seq>:<ns>``; None for events without a token."""
     if data == b"[DONE]":
         return None
@@ -197,10 +198,33 @@ def token_stamp(data: bytes) -> tuple[int, int] | None:
     return int(seq), int(ns)
 
 
+def token_pieces(
+    recording: Recording, parser: MessageParser
+) -> Iterator[tuple[int, bytes, list[tuple[int, int]], bool]]:
+    """Each recorded piece with its arrival time, the (seq, send_ns) of the token events it completed, and whether
+    it completed ``[DONE]``. ``parser`` is the caller's, to read the head and the end from; ``FramingError``
+    propagates."""
+    splitter = EventSplitter()
+    for recv_ns, piece in recording.pieces:
+        stamps: list[tuple[int, int]] = []
+        done = False
+        for body in parser.feed(piece):
+            for event in splitter.feed(body):
+                data = event_data(event)
+                if data is None:
+                    continue
+                if data == b"[DONE]":
+                    done = True
+                    continue
+                stamp = _token_stamp(data)
+                if stamp is not None:
+                    stamps.append(stamp)
+        yield recv_ns, piece, stamps, done
+
+
 def analyse(recording: Recording, expected_tokens: int) -> RequestResult:
     """Parse the recorded pieces and match each token event with the time its piece arrived."""
     parser = MessageParser()
-    splitter = EventSplitter()
     delays: list[int] = []
     ttft: int | None = None
     seqs: list[int] = []
@@ -208,24 +232,14 @@ def analyse(recording: Recording, expected_tokens: int) -> RequestResult:
     error = recording.error
     last_recv: int | None = None
     try:
-        for recv_ns, piece in recording.pieces:
-            for body in parser.feed(piece):
-                for event in splitter.feed(body):
-                    data = event_data(event)
-                    if data is None:
-                        continue
-                    if data == b"[DONE]":
-                        saw_done = True
-                        continue
-                    stamp = token_stamp(data)
-                    if stamp is None:
-                        continue
-                    seq, sent_ns = stamp
-                    if ttft is None:
-                        ttft = recv_ns - recording.started_ns
-                    seqs.append(seq)
-                    delays.append(recv_ns - sent_ns)
-                    last_recv = recv_ns
+        for recv_ns, _, stamps, done in token_pieces(recording, parser):
+            saw_done = saw_done or done
+            for seq, sent_ns in stamps:
+                if ttft is None:
+                    ttft = recv_ns - recording.started_ns
+                seqs.append(seq)
+                delays.append(recv_ns - sent_ns)
+                last_recv = recv_ns
         if recording.eof:
             parser.feed_eof()
     except FramingError as exc:
