@@ -315,7 +315,7 @@ def write_outputs(out: Path, data: dict[str, Any], plot: bool) -> None:
     ]
     for name, why in data["not_measured"].items():
         lines += [f"Not measured: {name}: {why}", ""]
-    lines += [f"## Goals for {data.get('judged', FLUSHGATE)}", "", markdown_checks_from(data), "## Per scenario", ""]
+    lines += [f"## Goals for {data['judged']}", "", markdown_checks_from(data), "## Per scenario", ""]
     lines.append(markdown_tables(data["results"], {s["name"]: s["title"] for s in data["scenarios"]}))
     if plot:
         lines += ["![added delay, TTFT and CPU per target](results.png)", ""]
