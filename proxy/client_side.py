@@ -15,6 +15,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
+from flushgate.proxy.headers import AnswerHead, RawHeaders
+
 
 class Opened(NamedTuple):
     """The client's answer, opened: where its body goes and how."""
@@ -47,6 +49,11 @@ class ClientSide(Protocol):
     def headers(self) -> MultiMapping[str]: ...
 
     @property
+    def raw_headers(self) -> RawHeaders:
+        """The request's header fields as their bytes, for forwarding (proxy/headers.py)."""
+        ...
+
+    @property
     def remote(self) -> str | None: ...
 
     @property
@@ -59,11 +66,11 @@ class ClientSide(Protocol):
         """The body as it arrives, for a body not read before the exchange began."""
         ...
 
-    async def open(self, status: int, reason: str, headers: CIMultiDict[str]) -> Opened:
+    async def open(self, status: int, reason: str, head: AnswerHead) -> Opened:
         """Open the answer: its head is sent, or left in ``Opened.head`` for the writer's first write."""
         ...
 
-    def open_now(self, status: int, reason: str, headers: CIMultiDict[str]) -> Opened:
+    def open_now(self, status: int, reason: str, head: AnswerHead) -> Opened:
         """``open`` without waiting, from the engine connection's read callback; only where ``opens_at_once``."""
         ...
 
@@ -85,8 +92,8 @@ class AiohttpClient:
 
     opens_at_once = False  # aiohttp prepares a response in a coroutine
 
-    __slots__ = ("_writer", "body_exists", "content_length", "headers", "method", "path", "remote", "request",
-                 "response", "target")  # fmt: skip
+    __slots__ = ("_writer", "body_exists", "content_length", "headers", "method", "path", "raw_headers", "remote",
+                 "request", "response", "target")  # fmt: skip
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
@@ -94,6 +101,7 @@ class AiohttpClient:
         self.target = request.raw_path
         self.path = request.path
         self.headers: CIMultiDict[str] | CIMultiDictProxy[str] = request.headers
+        self.raw_headers: RawHeaders = request.raw_headers
         self.remote = request.remote
         self.content_length = request.content_length
         self.body_exists = request.body_exists
@@ -110,15 +118,15 @@ class AiohttpClient:
         assert self.response is not None
         return self.response
 
-    async def open(self, status: int, reason: str, headers: CIMultiDict[str]) -> Opened:
-        response = self.response = web.StreamResponse(status=status, reason=reason or None, headers=headers)
+    async def open(self, status: int, reason: str, head: AnswerHead) -> Opened:
+        response = self.response = web.StreamResponse(status=status, reason=reason or None, headers=head.multidict())
         writer = self._writer = await response.prepare(self.request)
         transport = self.request.transport
         if writer is None or transport is None:
             raise ConnectionResetError("the client's connection is closed")
         return Opened(transport, self.request.protocol, response.headers.get("Transfer-Encoding") == "chunked")
 
-    def open_now(self, status: int, reason: str, headers: CIMultiDict[str]) -> Opened:
+    def open_now(self, status: int, reason: str, head: AnswerHead) -> Opened:
         raise RuntimeError("aiohttp's response is prepared in a coroutine: use open")
 
     async def drain(self) -> None:

@@ -25,6 +25,8 @@ class CorsPolicy:
         listed = [origin.rstrip("/").lower() for origin in origins]
         self.any_origin = "*" in listed
         self.origins = frozenset(origin for origin in listed if origin != "*")
+        # Only listed origins may read: a cache must not serve one origin's answer to another (``Vary: Origin``).
+        self.varies_by_origin = bool(self.origins) and not self.any_origin
 
     @property
     def enabled(self) -> bool:
@@ -61,7 +63,7 @@ class CorsPolicy:
         where only listed origins are allowed (a cache must not serve one origin's answer to another)."""
         for name in [name for name in headers if name.lower().startswith("access-control-")]:
             headers.popall(name, None)
-        if self.enabled and not self.any_origin:
+        if self.varies_by_origin:
             headers.add(hdrs.VARY, hdrs.ORIGIN)
 
     async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:

@@ -21,9 +21,7 @@ from typing import Final, NamedTuple, cast
 from urllib.parse import urlsplit
 
 import httptools
-from multidict import CIMultiDict
 
-from flushgate.proxy.headers import message_head
 from flushgate.timings import RequestTimings, now
 
 Sink = Callable[[bytes, bool], None]  # the body bytes of one read, and whether the answer is complete; never blocks
@@ -259,12 +257,10 @@ class EngineConnection(asyncio.Protocol):
         if framed and not self.closed:
             write(b"0\r\n\r\n")
 
-    def headers(self) -> CIMultiDict[str]:
-        # As aiohttp's client reads them: UTF-8, and bytes that are not kept as they were (surrogateescape).
-        return CIMultiDict(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            for name, value in self._raw_headers
-        )
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The answer's header fields as read (the head of its last interim answer dropped)."""
+        return self._raw_headers
 
     def attach(self, sink: Sink) -> asyncio.Future[bool]:
         """From now on the body goes to ``sink``; what came with the head goes at once. The future answers
@@ -530,6 +526,7 @@ class EngineConnections:
         self._idle.clear()
 
 
-def request_head(method: str, target: str, host: str, headers: CIMultiDict[str], framing: bytes) -> bytes:
-    """The request line and headers, as the client's bytes were."""
-    return message_head(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n", headers, framing)
+def request_head(method: str, target: str, host: str, lines: bytes, framing: bytes) -> bytes:
+    """The request line, ``Host``, the forwarded header ``lines``, the body's ``framing``, the blank line."""
+    start = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("utf-8", "surrogateescape")
+    return start + lines + framing + b"\r\n"

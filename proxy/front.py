@@ -33,7 +33,7 @@ from flushgate.proxy.auth import bearer_token
 from flushgate.proxy.client_side import Opened
 from flushgate.proxy.cors import CorsPolicy
 from flushgate.proxy.errors import error_response
-from flushgate.proxy.headers import message_head
+from flushgate.proxy.headers import AnswerHead, RawHeaders, message_head
 from flushgate.proxy.model_aliases import list_models, names_alias
 from flushgate.proxy.ollama.models import ModelRegistry
 from flushgate.proxy.pacing import StartPacer
@@ -121,7 +121,7 @@ class FrontRequest:
     opens_at_once = True  # the answer's head is one write on the client's transport
 
     __slots__ = ("_conn", "_cors", "body", "body_exists", "chunked", "content_length", "cut_off", "ended", "headers",
-                 "method", "opened", "path", "remote", "target")  # fmt: skip
+                 "method", "opened", "path", "raw_headers", "remote", "target")  # fmt: skip
 
     def __init__(
         self,
@@ -130,6 +130,7 @@ class FrontRequest:
         method: str,
         target: str,
         headers: CIMultiDict[str],
+        raw_headers: RawHeaders,
         body: bytes,
     ) -> None:
         self._conn = conn
@@ -138,6 +139,7 @@ class FrontRequest:
         self.target = target
         self.path = unquote(target.split("?", 1)[0])
         self.headers = headers
+        self.raw_headers = raw_headers
         self.remote = conn.remote
         self.body = body
         self.content_length: int | None = len(body) if body else None
@@ -150,26 +152,29 @@ class FrontRequest:
     async def body_chunks(self) -> AsyncIterator[bytes]:
         yield self.body  # the front reads every body whole before the exchange begins
 
-    async def open(self, status: int, reason: str, headers: CIMultiDict[str]) -> Opened:
-        return self.open_now(status, reason, headers)
+    async def open(self, status: int, reason: str, head: AnswerHead) -> Opened:
+        return self.open_now(status, reason, head)
 
-    def open_now(self, status: int, reason: str, headers: CIMultiDict[str]) -> Opened:
+    def open_now(self, status: int, reason: str, head: AnswerHead) -> Opened:
         """The head goes out with the first body bytes and the last chunk with the last ones, each pair in one
-        write (one system call, one TCP segment), by the writer the relay gives it to."""
+        write (one system call, one TCP segment), by the writer the relay gives it to. The head is written from
+        the fields as read, not decoded: the engine's CORS fields are already out of it (proxy/headers.py)."""
         conn = self._conn
         transport = conn.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client's connection is closed")
-        self._cors.shape_without_origin(headers)
+        lines = _status_line(status, reason) + head.lines()
+        if self._cors.varies_by_origin:
+            lines += b"Vary: Origin\r\n"
         bodiless = status in _NO_BODY or status < 200
-        self.chunked = not bodiless and hdrs.CONTENT_LENGTH not in headers
+        self.chunked = not bodiless and not head.has_length
         if self.chunked:
-            headers[hdrs.TRANSFER_ENCODING] = "chunked"
+            lines += b"Transfer-Encoding: chunked\r\n"
         if not conn.keep_alive:
-            headers[hdrs.CONNECTION] = "close"
+            lines += b"Connection: close\r\n"
         self.opened = True
         ending = _LAST_CHUNK if self.chunked else b""
-        return Opened(transport, conn, self.chunked, _head(status, reason, headers), ending, self._body_ended)
+        return Opened(transport, conn, self.chunked, lines + b"\r\n", ending, self._body_ended)
 
     def _body_ended(self) -> None:
         self.ended = True
@@ -366,6 +371,7 @@ class ClientConnection(asyncio.Protocol):
         try:  # bytes that are not UTF-8 in the head: aiohttp's rules decide what becomes of them
             target = self._url.decode()
             headers = CIMultiDict((name.decode(), value.decode()) for name, value in self._headers)
+            raw_headers = self._headers
         except UnicodeDecodeError:
             self._hand_over()
             return
@@ -379,6 +385,7 @@ class ClientConnection(asyncio.Protocol):
                 self._hand_over()  # aiohttp's guard answers 401 in the API's own words
                 return
             del headers[hdrs.AUTHORIZATION]  # the key is for the gateway alone
+            raw_headers = [pair for pair in raw_headers if pair[0].lower() != b"authorization"]
         admission = guards.admission
         if admission is not None:
             if admission.active >= admission.limit:
@@ -387,7 +394,7 @@ class ClientConnection(asyncio.Protocol):
             admission.active += 1
         assert self._parser is not None
         self.keep_alive = self._parser.should_keep_alive()
-        request = FrontRequest(self, guards.cors, self._method, target, headers, body)
+        request = FrontRequest(self, guards.cors, self._method, target, headers, raw_headers, body)
         started = self._started
         del self._raw[: self._request_end]  # what the client sent on is read once this answer ends (``_after``)
         self._reset()
@@ -557,10 +564,14 @@ def _header_too_large(limit: int) -> Refusal:
     return (431, f"a request header is over {limit} bytes", "request_header_too_large")
 
 
-def _head(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:
+def _status_line(status: int, reason: str) -> bytes:
     if not reason:
         try:
             reason = HTTPStatus(status).phrase
         except ValueError:
             reason = ""
-    return message_head(f"HTTP/1.1 {status} {reason}\r\n", headers)
+    return f"HTTP/1.1 {status} {reason}\r\n".encode("utf-8", "surrogateescape")
+
+
+def _head(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:
+    return _status_line(status, reason) + message_head("", headers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 from multidict import CIMultiDict, MultiMapping
@@ -46,33 +47,55 @@ class _RequestIds:
 new_request_id = _RequestIds().next
 
 
-def _named_in_connection(headers: MultiMapping[str]) -> set[str]:
-    return {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-        if token.strip()
-    }
+RawHeaders = Sequence[tuple[bytes, bytes]]  # a head's fields as read: names and values as their bytes
+_HOP_BY_HOP_RAW = frozenset(name.encode() for name in HOP_BY_HOP)
+# Set again by this hop (a body's length by the framing it goes out with): the incoming ones never cross.
+_NOT_FORWARDED_UP = _HOP_BY_HOP_RAW | {b"host", b"accept-encoding", b"x-request-id", b"expect", b"content-length",
+                                       b"x-forwarded-for"}  # fmt: skip
+_NOT_FORWARDED_DOWN = _HOP_BY_HOP_RAW | {b"x-request-id", b"server-timing"}
+_SET_ON_STREAMS = frozenset({b"x-accel-buffering", b"cache-control"})
+_CORS_PREFIX = b"access-control-"  # the engine's CORS fields never reach a client: proxy/cors.py answers for itself
 
 
-def _end_to_end(headers: MultiMapping[str], also_drop: frozenset[str]) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | also_drop | _named_in_connection(headers)
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+def end_to_end(
+    raw: RawHeaders, drop: frozenset[bytes], drop_prefix: bytes | None = None
+) -> tuple[list[tuple[bytes, bytes]], dict[bytes, bytes]]:
+    """The fields of ``raw`` that cross this hop: all but those named in ``drop`` (lower case) or starting with
+    ``drop_prefix``, and those the message's own ``Connection`` field names; and the value of each dropped name
+    (a name sent on several lines: its values joined with commas, as RFC 9110 5.3 reads such a list).
+
+    Bytes in, bytes out: what a hop forwards it need not decode, and a field crosses exactly as it came."""
+    kept: list[tuple[bytes, bytes]] = []
+    dropped: dict[bytes, bytes] = {}
+    for pair in raw:
+        lowered = pair[0].lower()
+        if lowered in drop or (drop_prefix is not None and lowered.startswith(drop_prefix)):
+            prior = dropped.get(lowered)
+            dropped[lowered] = pair[1] if prior is None else prior + b", " + pair[1]
+        else:
+            kept.append(pair)
+    connection = dropped.get(b"connection")
+    if connection is not None:
+        named = {token.strip().lower() for token in connection.split(b",")}
+        kept = [pair for pair in kept if pair[0].lower() not in named]
+    return kept, dropped
 
 
-_NOT_FORWARDED_UP = frozenset({"host", "accept-encoding", "x-request-id", "expect"})  # Expect: answered on this hop
-_NOT_FORWARDED_DOWN = frozenset({"x-request-id"})
+def header_lines(fields: list[tuple[bytes, bytes]]) -> bytes:
+    return b"".join([name + b": " + value + b"\r\n" for name, value in fields])
 
 
-def upstream_request_headers(incoming: MultiMapping[str], request_id: str, client_ip: str | None) -> CIMultiDict[str]:
-    """End-to-end headers of the client's request, asking upstream for an uncompressed body."""
-    out = _end_to_end(incoming, _NOT_FORWARDED_UP)
-    out["Accept-Encoding"] = "identity"
-    out[REQUEST_ID] = request_id
+def upstream_request_lines(raw: RawHeaders, request_id: str, client_ip: str | None) -> bytes:
+    """The header lines sent upstream: the client's end-to-end fields, asking for an uncompressed body, naming the
+    request and where it came from. The body's framing is added where the request goes out."""
+    kept, dropped = end_to_end(raw, _NOT_FORWARDED_UP)
+    lines = header_lines(kept) + b"Accept-Encoding: identity\r\nX-Request-ID: " + request_id.encode() + b"\r\n"
+    forwarded = dropped.get(b"x-forwarded-for")
     if client_ip:
-        prior = incoming.get("X-Forwarded-For")
-        out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
-    return out
+        forwarded = forwarded + b", " + client_ip.encode() if forwarded else client_ip.encode()
+    if forwarded:
+        lines += b"X-Forwarded-For: " + forwarded + b"\r\n"
+    return lines
 
 
 def message_head(start_line: str, headers: MultiMapping[str], framing: bytes = b"") -> bytes:
@@ -93,11 +116,42 @@ def stream_kind(content_type: str | None) -> StreamKind | None:
     return None
 
 
-def client_response_headers(upstream: MultiMapping[str], request_id: str) -> CIMultiDict[str]:
-    """End-to-end headers of the upstream response, plus what keeps later hops from buffering a stream."""
-    out = _end_to_end(upstream, _NOT_FORWARDED_DOWN)
-    out[REQUEST_ID] = request_id
-    if stream_kind(upstream.get("Content-Type")) is not None:
-        out["X-Accel-Buffering"] = "no"
-        out["Cache-Control"] = "no-cache"
-    return out
+class AnswerHead:
+    """The head of the client's answer: the engine's end-to-end fields as read, and the gateway's own.
+
+    The gateway's own server writes it as bytes (``lines``); aiohttp's gets it as a multidict (``multidict``)."""
+
+    __slots__ = ("added", "forwarded", "has_length", "kind")
+
+    def __init__(self, upstream: RawHeaders, request_id: str) -> None:
+        self.forwarded = end_to_end(upstream, _NOT_FORWARDED_DOWN, _CORS_PREFIX)[0]
+        content_type: str | None = None
+        self.has_length = False
+        for name, value in self.forwarded:
+            lowered = name.lower()
+            if lowered == b"content-type" and content_type is None:
+                content_type = value.decode("latin-1")
+            elif lowered == b"content-length":
+                self.has_length = True
+        self.kind = stream_kind(content_type)  # the stream that follows, if the body is one
+        self.added: list[tuple[str, str]] = [(REQUEST_ID, request_id)]
+        if self.kind is not None:  # what keeps later hops from buffering a stream
+            self.forwarded = [pair for pair in self.forwarded if pair[0].lower() not in _SET_ON_STREAMS]
+            self.added += [("X-Accel-Buffering", "no"), ("Cache-Control", "no-cache")]
+
+    def add(self, name: str, value: str) -> None:
+        """A field of the gateway's own (one it does not take from the engine: see ``_NOT_FORWARDED_DOWN``)."""
+        self.added.append((name, value))
+
+    def lines(self) -> bytes:
+        added = "".join([f"{name}: {value}\r\n" for name, value in self.added])
+        return header_lines(self.forwarded) + added.encode("utf-8", "surrogateescape")
+
+    def multidict(self) -> CIMultiDict[str]:
+        # As aiohttp's client reads them: UTF-8, and bytes that are not kept as they were (surrogateescape).
+        out = CIMultiDict(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in self.forwarded
+        )
+        out.extend(self.added)
+        return out

@@ -18,7 +18,6 @@ from typing import Literal
 
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict
 
 from flushgate.proxy.affinity import affinity_key
 from flushgate.proxy.body import BodyStalled, OutgoingBody, arriving, read_ahead
@@ -36,11 +35,10 @@ from flushgate.proxy.engine_http import (
 from flushgate.proxy.errors import error_response, terminal_event
 from flushgate.proxy.headers import (
     REQUEST_ID,
+    AnswerHead,
     StreamKind,
-    client_response_headers,
     new_request_id,
-    stream_kind,
-    upstream_request_headers,
+    upstream_request_lines,
 )
 from flushgate.proxy.pool import EngineMember
 from flushgate.proxy.router import Router
@@ -100,7 +98,7 @@ async def _exchange(
     router = gateway.router
     assert router is not None  # Gateway makes one for its backend when none is given
     timings = record.timings
-    headers = upstream_request_headers(client.headers, record.request_id, client.remote)
+    header_lines = upstream_request_lines(client.raw_headers, record.request_id, client.remote)
     outgoing: OutgoingBody | None = None
     if body is not None:
         timings.body_done = timings.body_done or now()
@@ -109,7 +107,6 @@ async def _exchange(
             record.model = found.group(1).decode("utf-8", "replace")
         if gateway.log_content:
             record.content = {"request": body[:CONTENT_CAP].decode("utf-8", "replace")}
-        headers.popall("Content-Length", None)  # aiohttp sets the new body's length
         outgoing = OutgoingBody(body, None)
     elif client.body_exists and router.several:
         try:
@@ -131,7 +128,7 @@ async def _exchange(
             return _refused(router.no_engine(), record)
         router.acquire(member)
         try:
-            answer = await _attempt(client, gateway, record, member, headers, outgoing, tried)
+            answer = await _attempt(client, gateway, record, member, header_lines, outgoing, tried)
             if answer == "resend":
                 continue  # the same engine may well be picked again: nothing is held against it
             if answer is not False:
@@ -146,7 +143,7 @@ async def _attempt(
     gateway: Gateway,
     record: RequestRecord,
     member: EngineMember,
-    headers: CIMultiDict[str],
+    header_lines: bytes,
     body: OutgoingBody | None,
     tried: list[EngineMember],
 ) -> web.Response | Literal[False, "resend"] | None:
@@ -161,9 +158,9 @@ async def _attempt(
     uploading: asyncio.Future[None] | None = None
     unconnected = False  # the connection was never made: held against the engine once, as a connect failure
     try:
-        data, stream, framed, framing = _outgoing(client, record, gateway, headers, body)
+        data, stream, framed, framing = _outgoing(client, record, gateway, body)
         host = engines.address(base).host_header
-        request_bytes = request_head(client.method, client.target, host, headers, framing)
+        request_bytes = request_head(client.method, client.target, host, header_lines, framing)
         early = _EarlyHead() if client.opens_at_once and stream is None and client.method != "HEAD" else None
         on_head = None if early is None else early.handler(client, conn, gateway, record, member, tried, body)
         head = conn.send(request_bytes, data, gateway.timeouts.idle, on_head)
@@ -263,8 +260,8 @@ class _EarlyHead:
                 if _retried(router, member, conn, record, tried, body):
                     self.retry = True
                     return None
-                headers, kind = _answer_head(conn, record)
-                sink = _sink(client.open_now(conn.status, conn.reason, headers), client, conn, gateway, record, kind)
+                head = _answer_head(conn, record)
+                sink = _sink(client.open_now(conn.status, conn.reason, head), client, conn, gateway, record, head.kind)
             except Exception as exc:  # never into the parser's callback: the relaying task meets it
                 self.opened = exc
                 return None
@@ -278,10 +275,10 @@ def _outgoing(
     client: ClientSide,
     record: RequestRecord,
     gateway: Gateway,
-    headers: CIMultiDict[str],
     body: OutgoingBody | None,
 ) -> tuple[bytes | None, AsyncIterator[bytes] | None, bool, bytes]:
-    """The body to send at once or to stream, whether a stream goes in chunks, and the header that frames it."""
+    """The body to send at once or to stream, whether a stream goes in chunks, and the header that frames it (the
+    client's own framing fields are never forwarded)."""
     payload: bytes | AsyncIterator[bytes] | None = None
     if body is not None:
         payload = body.payload()
@@ -290,10 +287,9 @@ def _outgoing(
     if isinstance(payload, bytes):
         return payload, None, False, b"Content-Length: %d\r\n" % len(payload)
     if payload is not None:
-        if "Content-Length" in headers:  # the client's own length still holds for the bytes that stream on
-            return None, payload, False, b""
+        if client.content_length is not None:  # the client's own length still holds for the bytes that stream on
+            return None, payload, False, b"Content-Length: %d\r\n" % client.content_length
         return None, payload, True, b"Transfer-Encoding: chunked\r\n"
-    headers.popall("Content-Length", None)  # a client's "Content-Length: 0" must not go out beside this one
     return None, None, False, b"Content-Length: 0\r\n" if client.method in BODY_METHODS else b""
 
 
@@ -394,17 +390,15 @@ async def _request_body(client: ClientSide, record: RequestRecord, gateway: Gate
         record.content = {"request": kept.decode("utf-8", "replace")}
 
 
-def _answer_head(conn: EngineConnection, record: RequestRecord) -> tuple[CIMultiDict[str], StreamKind | None]:
-    """The head of the client's answer, once the engine's is in, and what kind of stream follows."""
+def _answer_head(conn: EngineConnection, record: RequestRecord) -> AnswerHead:
+    """The head of the client's answer, once the engine's is in."""
     timings = record.timings
     timings.upstream_headers = now()
     record.status = conn.status
-    upstream_headers = conn.headers()
-    kind = stream_kind(upstream_headers.get("Content-Type"))
-    record.stream = kind is not None
-    headers = client_response_headers(upstream_headers, record.request_id)
-    headers["Server-Timing"] = _server_timing(timings)
-    return headers, kind
+    head = AnswerHead(conn.raw_headers, record.request_id)
+    record.stream = head.kind is not None
+    head.add("Server-Timing", _server_timing(timings))
+    return head
 
 
 def _sink(
@@ -441,8 +435,8 @@ async def _relay(
         if isinstance(early, BaseException):
             raise early
         if early is None:
-            headers, kind = _answer_head(conn, record)
-            sink = _sink(await client.open(conn.status, conn.reason, headers), client, conn, gateway, record, kind)
+            head = _answer_head(conn, record)
+            sink = _sink(await client.open(conn.status, conn.reason, head), client, conn, gateway, record, head.kind)
         else:
             sink = early
         kind = sink.kind
