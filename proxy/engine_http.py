@@ -231,8 +231,11 @@ class EngineConnection(asyncio.Protocol):
         self._head = head_future = self._loop.create_future()
         self._idle_s = idle_s
         self._last_read = self._loop.time()
-        if idle_s:
-            self._timer = self._loop.call_at(self._last_read + idle_s, self._check_idle)
+        due = self._last_read + idle_s if idle_s else 0.0
+        if self._timer is not None and (not idle_s or self._timer.when() > due):
+            self._cancel_timer()  # not wanted now, or due later than this exchange allows
+        if self._timer is None and idle_s:  # a check left from the exchange before reads ``_last_read`` when due
+            self._timer = self._loop.call_at(due, self._check_idle)
         data = head + body if body else head
         if self.transport is None:  # still connecting: sent from connection_made
             self._unsent = data
@@ -356,7 +359,8 @@ class EngineConnection(asyncio.Protocol):
             pieces.clear()
 
     def _end(self) -> None:
-        self._cancel_timer()
+        # The idle check stays armed: when it comes due the answer is complete (it stops) or the connection is in a
+        # later exchange (it checks that one). One timer made per connection instead of one per request.
         event = self._event
         if event is not None and not event.done():
             event.set_result(True)
@@ -375,7 +379,9 @@ class EngineConnection(asyncio.Protocol):
 
     def _check_idle(self) -> None:
         idle_s = self._idle_s
-        assert idle_s
+        if self.complete or not idle_s:  # between exchanges: nothing to wait for; ``send`` arms it again
+            self._timer = None
+            return
         if self.reading_paused:
             due = self._loop.time() + idle_s
         else:

@@ -21,7 +21,13 @@ from structlog.testing import capture_logs
 from flushgate.config import Config, Timeouts
 from flushgate.proxy import passthrough
 from flushgate.proxy.client_side import Opened
-from flushgate.proxy.engine_http import EngineConnectError, EngineConnection, EngineConnections, EngineStale
+from flushgate.proxy.engine_http import (
+    EngineConnectError,
+    EngineConnection,
+    EngineConnections,
+    EngineIdle,
+    EngineStale,
+)
 from flushgate.server import Server
 from flushgate.timings import RequestTimings
 from tests.fakes import assert_resent_once_unheld
@@ -377,6 +383,46 @@ async def test_a_head_handler_that_returns_no_sink_leaves_the_body_for_the_task(
     ended = conn.attach(lambda data, ends: body.append((data, ends)))
     assert body == [(b"busy", True)]
     assert await ended
+
+
+_REQUEST = b"POST /v1/completions HTTP/1.1\r\n\r\n"
+_SHORT_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize("first_idle_s", [0.02, 60.0])
+async def test_an_engine_silent_in_a_later_exchange_on_a_kept_connection_is_cut_off_by_the_idle_check(
+    first_idle_s: float,
+) -> None:
+    """The idle check outlives the exchange that armed it (one timer per connection, not one per request): the
+    next exchange is timed by it, or by a new one where it would come due later than that exchange allows."""
+    conn = EngineConnection("http://engine", EngineConnections(5.0))
+    conn.connection_made(cast(asyncio.Transport, _Recorded()))
+    conn.send(_REQUEST, None, first_idle_s)
+    conn.data_received(_SHORT_ANSWER)
+    assert conn.complete
+    head = conn.send(_REQUEST, None, 0.02)  # and the engine sends nothing
+    with pytest.raises(EngineIdle):
+        await asyncio.wait_for(head, 5.0)
+
+
+class _Aborted(_Recorded):
+    aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_an_idle_check_that_comes_due_between_exchanges_leaves_the_connection_open() -> None:
+    transport = _Aborted()
+    conn = EngineConnection("http://engine", EngineConnections(5.0))
+    conn.connection_made(cast(asyncio.Transport, transport))
+    conn.send(_REQUEST, None, 0.02)
+    conn.data_received(_SHORT_ANSWER)
+    conn._last_read -= 1.0  # long past its idle time: the check, come due, finds the answer complete
+    conn._check_idle()
+    assert not transport.aborted
+    assert conn.reusable
+    assert conn._timer is None  # and does not come again until a request is sent
 
 
 class _Flow:
