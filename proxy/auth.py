@@ -45,7 +45,12 @@ def _digest(key: str) -> bytes:
 
 
 def bearer_token(headers: MultiMapping[str]) -> str | None:
-    scheme, _, token = headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+    return bearer(headers.get(hdrs.AUTHORIZATION, ""))
+
+
+def bearer(authorization: str) -> str | None:
+    """The key in an ``Authorization`` value, if it is a bearer token."""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()

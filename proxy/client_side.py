@@ -53,6 +53,10 @@ class ClientSide(Protocol):
         """The request's header fields as their bytes, for forwarding (proxy/headers.py)."""
         ...
 
+    def header(self, name: bytes) -> str | None:
+        """The first value of the request header ``name`` (lower case)."""
+        ...
+
     @property
     def remote(self) -> str | None: ...
 
@@ -107,6 +111,9 @@ class AiohttpClient:
         self.body_exists = request.body_exists
         self.response: web.StreamResponse | None = None
         self._writer: AbstractStreamWriter | None = None
+
+    def header(self, name: bytes) -> str | None:
+        return self.headers.get(name.decode())
 
     def body_chunks(self) -> AsyncIterator[bytes]:
         return self.request.content.iter_any()

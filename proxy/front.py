@@ -29,11 +29,11 @@ from multidict import CIMultiDict
 
 from flushgate.proxy import body as outgoing_body
 from flushgate.proxy import eager
-from flushgate.proxy.auth import bearer_token
+from flushgate.proxy.auth import bearer
 from flushgate.proxy.client_side import Opened
 from flushgate.proxy.cors import CorsPolicy
 from flushgate.proxy.errors import error_response
-from flushgate.proxy.headers import AnswerHead, RawHeaders, message_head
+from flushgate.proxy.headers import AnswerHead, RawHeaders, first_value, message_head
 from flushgate.proxy.model_aliases import list_models, names_alias
 from flushgate.proxy.ollama.models import ModelRegistry
 from flushgate.proxy.pacing import StartPacer
@@ -120,7 +120,7 @@ class FrontRequest:
 
     opens_at_once = True  # the answer's head is one write on the client's transport
 
-    __slots__ = ("_conn", "_cors", "body", "body_exists", "chunked", "content_length", "cut_off", "ended", "headers",
+    __slots__ = ("_conn", "_cors", "_headers", "body", "body_exists", "chunked", "content_length", "cut_off", "ended",
                  "method", "opened", "path", "raw_headers", "remote", "target")  # fmt: skip
 
     def __init__(
@@ -129,7 +129,6 @@ class FrontRequest:
         cors: CorsPolicy,
         method: str,
         target: str,
-        headers: CIMultiDict[str],
         raw_headers: RawHeaders,
         body: bytes,
     ) -> None:
@@ -138,8 +137,8 @@ class FrontRequest:
         self.method = method
         self.target = target
         self.path = unquote(target.split("?", 1)[0])
-        self.headers = headers
-        self.raw_headers = raw_headers
+        self.raw_headers = raw_headers  # every value UTF-8: the front hands other requests over
+        self._headers: CIMultiDict[str] | None = None
         self.remote = conn.remote
         self.body = body
         self.content_length: int | None = len(body) if body else None
@@ -148,6 +147,16 @@ class FrontRequest:
         self.opened = False
         self.ended = False  # the last chunk is out
         self.cut_off = False
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The fields as text, made when first asked for: forwarding takes them as read (``raw_headers``)."""
+        if self._headers is None:
+            self._headers = CIMultiDict((name.decode(), value.decode()) for name, value in self.raw_headers)
+        return self._headers
+
+    def header(self, name: bytes) -> str | None:
+        return first_value(self.raw_headers, name)
 
     async def body_chunks(self) -> AsyncIterator[bytes]:
         yield self.body  # the front reads every body whole before the exchange begins
@@ -229,6 +238,7 @@ class ClientConnection(asyncio.Protocol):
         self._complete = False
         self._hand_over_now = False
         self._method = "POST"  # or GET, as the head said (a head the front does not take is handed over)
+        self._ascii_values = True  # every header value is ASCII (llhttp takes only tokens as names)
         self._started = 0.0
         self._refusal: Refusal | None = None  # the head is over a limit, or the body's framing broke
 
@@ -357,6 +367,8 @@ class ClientConnection(asyncio.Protocol):
                 return False
             if lowered == b"content-length":
                 declared = int(value) if value.isdigit() else -1
+            elif not value.isascii():
+                self._ascii_values = False  # whether it is UTF-8 is checked once the request is whole
         if listing:
             return declared in (-1, 0)
         # A body read here whole can be sent again to another engine: no larger than one read ahead for that.
@@ -368,10 +380,12 @@ class ClientConnection(asyncio.Protocol):
         front = self._front
         guards = front.guards
         body_done = now()
+        raw_headers = self._headers
         try:  # bytes that are not UTF-8 in the head: aiohttp's rules decide what becomes of them
             target = self._url.decode()
-            headers = CIMultiDict((name.decode(), value.decode()) for name, value in self._headers)
-            raw_headers = self._headers
+            if not self._ascii_values:
+                for _, value in raw_headers:
+                    value.decode()
         except UnicodeDecodeError:
             self._hand_over()
             return
@@ -380,12 +394,11 @@ class ClientConnection(asyncio.Protocol):
             self._hand_over()
             return
         if guards.keys:
-            token = bearer_token(headers)
+            token = bearer(first_value(raw_headers, b"authorization") or "")
             if token is None or not guards.keys.accepts(token):
                 self._hand_over()  # aiohttp's guard answers 401 in the API's own words
                 return
-            del headers[hdrs.AUTHORIZATION]  # the key is for the gateway alone
-            raw_headers = [pair for pair in raw_headers if pair[0].lower() != b"authorization"]
+            raw_headers = [pair for pair in raw_headers if pair[0].lower() != b"authorization"]  # for the gateway alone
         admission = guards.admission
         if admission is not None:
             if admission.active >= admission.limit:
@@ -394,7 +407,7 @@ class ClientConnection(asyncio.Protocol):
             admission.active += 1
         assert self._parser is not None
         self.keep_alive = self._parser.should_keep_alive()
-        request = FrontRequest(self, guards.cors, self._method, target, headers, raw_headers, body)
+        request = FrontRequest(self, guards.cors, self._method, target, raw_headers, body)
         started = self._started
         del self._raw[: self._request_end]  # what the client sent on is read once this answer ends (``_after``)
         self._reset()

@@ -81,6 +81,14 @@ def end_to_end(
     return kept, dropped
 
 
+def first_value(raw: RawHeaders, name: bytes) -> str | None:
+    """The first value of the field ``name`` (lower case), as UTF-8 text."""
+    for field, value in raw:
+        if field.lower() == name:
+            return value.decode("utf-8", "surrogateescape")
+    return None
+
+
 def header_lines(fields: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join([name + b": " + value + b"\r\n" for name, value in fields])
 

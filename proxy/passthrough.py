@@ -52,7 +52,7 @@ FIRST_TOKEN = re.compile(
     rb'"(?:content|reasoning_content|reasoning|text|thinking|response)"\s*:\s*"[^"]|"tool_calls"\s*:\s*\[\s*\{'
 )
 MODEL_FIELD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
-TIMING_OPT_IN = "X-Flushgate-Timing"
+TIMING_OPT_IN = b"x-flushgate-timing"  # "summary": the answer ends with a comment holding the request's record
 CONTENT_CAP = 1 << 20  # --log-content keeps at most this much of each side
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when the client sent no body
 
@@ -71,7 +71,7 @@ async def exchange(
 ) -> web.Response | None:
     """One request through the gateway: None once the answer went to ``client``, else the response to send."""
     record = RequestRecord(
-        request_id=client.headers.get(REQUEST_ID) or new_request_id(),
+        request_id=client.header(b"x-request-id") or new_request_id(),
         method=client.method,
         path=client.path,
         timings=RequestTimings(start=received or now(), body_done=body_done),
@@ -410,7 +410,7 @@ def _sink(
     kind: StreamKind | None,
 ) -> ClientSink:
     # The body's end goes with its last bytes unless the timing comment is still to come after them.
-    comment = kind == "sse" and (gateway.timing_summary or client.headers.get(TIMING_OPT_IN) == "summary")
+    comment = kind == "sse" and (gateway.timing_summary or client.header(TIMING_OPT_IN) == "summary")
     return ClientSink(
         opened,
         conn,
@@ -455,7 +455,7 @@ async def _relay(
             conn.resume()
             event = conn.next_event()
         sink.add_sums()
-        if kind == "sse" and (gateway.timing_summary or client.headers.get(TIMING_OPT_IN) == "summary"):
+        if kind == "sse" and (gateway.timing_summary or client.header(TIMING_OPT_IN) == "summary"):
             await client.write(await _timing_comment(gateway, record))
     except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError: the client went away
         record.outcome = "client_abort"

@@ -105,6 +105,7 @@ async def test_plain_posts_on_one_connection_are_answered_by_the_front_byte_for_
         ("no body", b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n"),
         ("chunked body", b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\n" + CHUNKED_BODY),
         ("malformed", b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: x\r\n\r\n"),
+        ("header not UTF-8", post_bytes().replace(b"Host: gw\r\n", b"Host: gw\r\nX-Note: caf\xe9\r\n")),
     ],
 )
 async def test_what_the_front_does_not_take_goes_to_aiohttp_with_every_byte_read(
@@ -162,6 +163,20 @@ async def test_a_request_sent_before_the_answer_ends_waits_for_it_then_is_answer
     assert parse_response(first, "POST").body.endswith(DONE_EVENT)
     assert orjson.loads(second.body) == {"ok": True}
     assert stats(gateway) == (2, 0)
+
+
+async def test_a_header_value_in_utf8_beyond_ascii_is_taken_by_the_front_and_reaches_the_engine_as_sent(
+    fake: FakeUpstream, gateway: Server
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(post_bytes().replace(b"Host: gw\r\n", "Host: gw\r\nX-Note: café\r\n".encode()))
+        answer = parse_response(await read_answer(reader), "POST")
+    finally:
+        writer.close()
+    assert answer.status == 200
+    assert stats(gateway) == (1, 0)
+    assert fake.seen[-1].headers["x-note"] == ["café"]
 
 
 async def test_a_client_that_leaves_mid_stream_aborts_the_engine_request(
