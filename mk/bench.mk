@@ -43,6 +43,12 @@ bench-instructions: bench-deps
 	@command -v valgrind >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q valgrind; }
 	$(PY) -m flushgate.bench.instructions --out $(BENCH_OUT)/hop-instructions.json
 
+# What a whole one-token request on a new connection costs flushgate, in instructions (callgrind).
+.PHONY: bench-request-instructions
+bench-request-instructions: bench-deps
+	@command -v valgrind >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q valgrind; }
+	$(PY) -m flushgate.bench.instructions --per-request --out $(BENCH_OUT)/request-instructions.json
+
 # CPU of one whole short request (one token, a new connection each) for flushgate, flushgate on aiohttp's server
 # alone, and nginx.
 .PHONY: bench-request-cost
