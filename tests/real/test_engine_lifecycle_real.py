@@ -13,6 +13,8 @@ import pytest
 from tests.real.conftest import GatewayProcess, live_group_members, start_managed
 
 MODEL = "smollm2-135m-instruct"
+# The first test also waits for the module's engine to start, then for it to start again after kill -9.
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
