@@ -24,6 +24,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 REQUEST_ID = "X-Request-ID"
+REQUEST_ID_FIELD = REQUEST_ID.lower().encode()  # as raw fields are looked up
 
 StreamKind = Literal["sse", "ndjson"]
 
@@ -50,9 +51,9 @@ new_request_id = _RequestIds().next
 RawHeaders = Sequence[tuple[bytes, bytes]]  # a head's fields as read: names and values as their bytes
 _HOP_BY_HOP_RAW = frozenset(name.encode() for name in HOP_BY_HOP)
 # Set again by this hop (a body's length by the framing it goes out with): the incoming ones never cross.
-_NOT_FORWARDED_UP = _HOP_BY_HOP_RAW | {b"host", b"accept-encoding", b"x-request-id", b"expect", b"content-length",
+_NOT_FORWARDED_UP = _HOP_BY_HOP_RAW | {b"host", b"accept-encoding", REQUEST_ID_FIELD, b"expect", b"content-length",
                                        b"x-forwarded-for"}  # fmt: skip
-_NOT_FORWARDED_DOWN = _HOP_BY_HOP_RAW | {b"x-request-id", b"server-timing"}
+_NOT_FORWARDED_DOWN = _HOP_BY_HOP_RAW | {REQUEST_ID_FIELD, b"server-timing"}
 _SET_ON_STREAMS = frozenset({b"x-accel-buffering", b"cache-control"})
 _CORS_PREFIX = b"access-control-"  # the engine's CORS fields never reach a client: proxy/cors.py answers for itself
 

@@ -35,6 +35,7 @@ from flushgate.proxy.engine_http import (
 from flushgate.proxy.errors import error_response, terminal_event
 from flushgate.proxy.headers import (
     REQUEST_ID,
+    REQUEST_ID_FIELD,
     AnswerHead,
     StreamKind,
     new_request_id,
@@ -71,7 +72,7 @@ async def exchange(
 ) -> web.Response | None:
     """One request through the gateway: None once the answer went to ``client``, else the response to send."""
     record = RequestRecord(
-        request_id=client.header(b"x-request-id") or new_request_id(),
+        request_id=client.header(REQUEST_ID_FIELD) or new_request_id(),
         method=client.method,
         path=client.path,
         timings=RequestTimings(start=received or now(), body_done=body_done),
