@@ -240,9 +240,6 @@ class ClientConnection(asyncio.Protocol):
         self._method = "POST"  # or GET, as the head said (a head the front does not take is handed over)
         self._ascii_values = True  # every header value is ASCII (llhttp takes only tokens as names)
         self._started = 0.0
-        self._admitted = False  # its turn came before its head was parsed (``_admit``)
-        self._unread_ends: list[int] = []  # while its turn waits: where in ``_raw`` each read since then ended
-        self._unread = 0  # bytes of ``_raw`` past the read being parsed
         self._refusal: Refusal | None = None  # the head is over a limit, or the body's framing broke
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------------
@@ -262,30 +259,11 @@ class ClientConnection(asyncio.Protocol):
             return
         self._raw += data
         if self._task is not None or self._paced:  # the client sent on before its answer ended: read once it has
-            if self._unread_ends:  # its head waits for its turn: these bytes may be more of it
-                self._unread_ends.append(len(self._raw))
             if len(self._raw) > BODY_CAP and self.transport is not None:
                 self.transport.pause_reading()  # until then, the socket holds the rest
             return
         if not self._started:
             self._started = now()
-            if data.startswith(b"POST ") and not self._admit():
-                return  # its head is read in its turn too: a burst's heads are not all parsed in this one
-        self._read(data)
-
-    def _admit(self) -> bool:
-        """A POST waits for its turn (proxy/pacing.py) before its head is parsed: what a request costs the core
-        before it starts, parsing included, is paced, not only the start. Other methods (probes, listings) are
-        read at once."""
-        if self._front.pacer.admit(self):
-            self._admitted = True
-            return True
-        self._paced = True
-        self._unread_ends.append(len(self._raw))
-        self._cancel_timer()  # the request waits on the gateway, not on the client
-        return False
-
-    def _read(self, data: bytes) -> None:
         assert self._parser is not None  # dropped only once the connection is gone or handed over
         try:
             self._parser.feed_data(data)
@@ -296,16 +274,15 @@ class ClientConnection(asyncio.Protocol):
             elif self._refusal is None:
                 self._hand_over()
                 return
-        read = len(self._raw) - self._unread
-        if self._refusal is None and not self._head_done and read > self._front.max_header_bytes:
+        if self._refusal is None and not self._head_done and len(self._raw) > self._front.max_header_bytes:
             self._check_lines()
         if self._refusal is not None:
             self._refuse(*self._refusal)
         elif self._hand_over_now:
             self._hand_over()
         elif self._complete:
-            self._request_end = len(self._raw) - self._unread
-            if self._admitted or self._front.pacer.admit(self):
+            self._request_end = len(self._raw)
+            if self._front.pacer.admit(self):
                 self._begin()
             else:
                 self._paced = True
@@ -314,27 +291,8 @@ class ClientConnection(asyncio.Protocol):
 
     def start_if_still_wanted(self) -> None:
         self._paced = False
-        transport = self.transport
-        if self._parser is None or transport is None or transport.is_closing():
-            return
-        if self._complete:
+        if self._parser is not None and self.transport is not None and not self.transport.is_closing():
             self._begin()
-            return
-        # Its turn: the reads that waited are parsed one by one, as they came, until the request is whole; what
-        # the client sent after it stays in ``_raw`` for once its answer ends.
-        self._admitted = True
-        self._arm_timer()
-        if not transport.is_reading():
-            transport.resume_reading()
-        ends, self._unread_ends = self._unread_ends, []
-        begin = 0
-        for end in ends:
-            self._unread = len(self._raw) - end
-            self._read(bytes(self._raw[begin:end]))
-            begin = end
-            if not self._admitted or self._parser is None:  # begun (or refused, or handed over)
-                break
-        self._unread = 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._parser = None  # it refers back to this protocol: without the cycle, freeing needs no GC pass
@@ -538,7 +496,7 @@ class ClientConnection(asyncio.Protocol):
     def _check_lines(self) -> None:
         """llhttp reports a header only once the next one begins: a line read may already be over the limit."""
         limit = self._front.max_header_bytes
-        lines = self._raw[: len(self._raw) - self._unread].split(b"\n")
+        lines = self._raw.split(b"\n")
         if len(lines[0]) > limit + 1:
             self._refusal = _target_too_long(limit)
         elif any(len(line) > limit + 1 for line in lines[1:]):

@@ -8,7 +8,6 @@ for the next turns. A turn starts at least ``per_turn`` of them, and more while 
 than the loop spent on everything else since this turn's callback was queued: starts at most double the wait of
 a chunk that comes meanwhile, and under a burst among many streams, where turns are long, they are not starved
 by those streams' chunks (a fixed four per turn delayed the benchmark's 256-stream burst: docs/scaling.md).
-A POST's turn comes before its head is parsed (proxy/front.py), so the parsing is paced with the start.
 """
 
 from __future__ import annotations

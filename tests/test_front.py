@@ -549,7 +549,7 @@ async def test_a_request_is_sent_to_the_engine_from_the_read_that_completed_it(
     send = EngineConnection.send
 
     def noting(self: EngineConnection, *args: Any) -> asyncio.Future[None]:
-        sent_from.extend(f.function for f in inspect.stack()[1:10])
+        sent_from.extend(f.function for f in inspect.stack()[1:8])
         return send(self, *args)
 
     monkeypatch.setattr(EngineConnection, "send", noting)
