@@ -30,7 +30,16 @@ SAMPLE_ANSWER_LENGTH = """() => {
 }"""
 
 
-RECORD_KEYS = ("chunks", "events_out", "first_token_ms", "last_token_ms", "gap_p50_ms", "gap_max_ms")
+# write_blocked_ms: time the gateway spent in writes to the page (a socket the page did not empty slows them).
+RECORD_KEYS = (
+    "chunks",
+    "events_out",
+    "first_token_ms",
+    "last_token_ms",
+    "gap_p50_ms",
+    "gap_max_ms",
+    "write_blocked_ms",
+)
 # Records every read of a response body in the page: when, and how many bytes it brought.
 RECORD_READS = """() => {
     window.__reads = [];
