@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from flushgate.config import Access, Limits
 from flushgate.proxy.chat_page import add_page_assets, chat_root
+from flushgate.proxy.client_side import hold_little_for_the_client
 from flushgate.proxy.errors import error_response
 from flushgate.proxy.health import healthz, readyz
 from flushgate.proxy.model_aliases import MODEL_REGISTRY, add_model_aliases
@@ -38,6 +39,7 @@ def build_app(gateway: Gateway, access: Access | None = None, limits: Limits | N
     app = web.Application()
     app[GATEWAY] = gateway
     install_guards(app, access or Access(), limits or Limits(), forward)
+    app.on_response_prepare.append(hold_little_for_the_client)
     router = app.router
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)

@@ -17,6 +17,19 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from flushgate.proxy.headers import AnswerHead, RawHeaders
 
+# Bytes the gateway holds for a client whose socket is full before it stops reading the engine (asyncio's and
+# uvloop's default is 64 KiB). Tokens held here wait behind the ones before them, as in a socket buffer, and
+# the engine does not feel the slow reader until they are gone; nginx holds one 4 or 8 KiB buffer
+# (``proxy_buffer_size``). The benchmark's back-to-back stream: docs/bench/README.md.
+CLIENT_WRITE_HIGH = 4096
+
+
+async def hold_little_for_the_client(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp's ``on_response_prepare``: the front's mark also on a connection aiohttp's server accepted itself
+    (``--no-own-server``), whatever the route (the pass-through, Ollama's, the gateway's own)."""
+    if request.transport is not None:
+        request.transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH)
+
 
 class Opened(NamedTuple):
     """The client's answer, opened: where its body goes and how."""

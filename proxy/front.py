@@ -30,7 +30,7 @@ from multidict import CIMultiDict
 from flushgate.proxy import body as outgoing_body
 from flushgate.proxy import eager
 from flushgate.proxy.auth import bearer
-from flushgate.proxy.client_side import Opened
+from flushgate.proxy.client_side import CLIENT_WRITE_HIGH, Opened
 from flushgate.proxy.cors import CorsPolicy
 from flushgate.proxy.errors import error_response
 from flushgate.proxy.headers import AnswerHead, RawHeaders, first_value, message_head
@@ -44,11 +44,6 @@ from flushgate.proxy.state import Gateway
 from flushgate.timings import now
 
 BODY_CAP = 1 << 20  # larger bodies go to aiohttp's server, which streams them on instead of reading them first
-# Bytes the gateway holds for a client whose socket is full before it stops reading the engine (asyncio's and
-# uvloop's default is 64 KiB). Tokens held here wait behind the ones before them, as in a socket buffer, and
-# the engine does not feel the slow reader until they are gone; nginx holds one 4 or 8 KiB buffer
-# (``proxy_buffer_size``). The benchmark's back-to-back stream: docs/bench/README.md.
-CLIENT_WRITE_HIGH = 4096
 FORWARDED_PATHS = frozenset({b"/tokenize", b"/detokenize"})  # and every path under /v1/ (proxy/app.py)
 _NO_BODY = frozenset({204, 304})
 _LAST_CHUNK = b"0\r\n\r\n"

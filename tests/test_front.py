@@ -19,7 +19,7 @@ from aiohttp import web
 from flushgate.cli import main
 from flushgate.config import Access, Config, Limits, Timeouts
 from flushgate.proxy import front
-from flushgate.proxy.client_side import Opened
+from flushgate.proxy.client_side import CLIENT_WRITE_HIGH, Opened
 from flushgate.proxy.engine_http import EngineConnection
 from flushgate.server import Server
 from tests.fakes import (
@@ -319,8 +319,30 @@ async def test_a_client_whose_socket_is_full_has_at_most_4_kib_held_for_it_befor
     await turns_until(lambda: gateway.front is not None and gateway.front.connections)  # accepted
     (client,) = gateway.front.connections
     assert client.transport is not None
-    assert client.transport.get_write_buffer_limits() == (front.CLIENT_WRITE_HIGH // 4, front.CLIENT_WRITE_HIGH)
-    assert front.CLIENT_WRITE_HIGH == 4096
+    assert client.transport.get_write_buffer_limits() == (CLIENT_WRITE_HIGH // 4, CLIENT_WRITE_HIGH)
+    assert CLIENT_WRITE_HIGH == 4096
+
+
+async def test_a_client_aiohttp_accepted_itself_gets_the_same_4_kib_mark(fake: FakeUpstream) -> None:
+    """``--no-own-server``: aiohttp's server takes the connection, and the mark is set when it answers."""
+    server = Server(Config(upstream=fake.url, port=0, own_server=False))
+    await server.start()
+    release = asyncio.Event()
+    fake.handler = held_stream(release, chat_event("first"), DONE_EVENT)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(post_bytes())
+        await asyncio.wait_for(reader.readuntil(b"first"), GUARD_S)  # the answer is open, the engine holds the rest
+        assert server._runner is not None
+        assert server._runner.server is not None
+        (handler,) = server._runner.server.connections
+        assert handler.transport is not None
+        assert handler.transport.get_write_buffer_limits() == (CLIENT_WRITE_HIGH // 4, CLIENT_WRITE_HIGH)
+        release.set()
+        await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), GUARD_S)
+    finally:
+        writer.close()
+        await server.stop()
 
 
 async def test_a_closed_connection_is_freed_without_a_garbage_collection(fake: FakeUpstream, gateway: Server) -> None:
