@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from math import fsum
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from flushgate.timings import FAST_CHUNK_S
 
@@ -55,10 +56,90 @@ class BulkHistogram(Collector):
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         cumulative, running = [], 0
-        for bound, count in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+        for bound, count in zip([*map(floatToGoString, self.bounds), "+Inf"], self.counts, strict=True):
             running += count
             cumulative.append((bound, running))
         yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=self.total)
+
+
+class _Buckets:
+    """One label set's histogram: plain attributes, written from the event loop alone (what a scrape reads too)."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: list[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1  # the first bound >= amount: Prometheus's le
+        self.total += amount
+
+
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+def _check_labels(name: str, names: list[str], values: tuple[str, ...]) -> None:
+    if len(values) != len(names):
+        raise ValueError(f"{name} takes the labels {names}, got {values}")
+
+
+class LabelledHistogram(Collector):
+    """A histogram by labels, observed once per request from its record. prometheus_client's ``Histogram`` takes
+    a lock and walks its bounds in Python for each value and each of its sum and bucket counters: several
+    times this one bisection (the record observes up to four per request)."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str], buckets: tuple[float, ...]) -> None:
+        self.name, self.documentation, self.label_names = name, documentation, labels
+        self.bounds = list(buckets)
+        self.series: dict[tuple[str, ...], _Buckets] = {}
+
+    def labels(self, *values: str) -> _Buckets:
+        series = self.series.get(values)
+        if series is None:
+            _check_labels(self.name, self.label_names, values)
+            series = self.series[values] = _Buckets(self.bounds)
+        return series
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.label_names)
+        names = [*map(floatToGoString, self.bounds), "+Inf"]  # "1.0", as prometheus_client writes le
+        for values, series in self.series.items():
+            running, cumulative = 0, []
+            for bound, count in zip(names, series.counts, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            family.add_metric(list(values), cumulative, series.total)
+        yield family
+
+
+class LabelledCounter(Collector):
+    """A counter by labels, for the same reason as ``LabelledHistogram``."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str]) -> None:
+        self.name, self.documentation, self.label_names = name, documentation, labels
+        self.series: dict[tuple[str, ...], _Count] = {}
+
+    def labels(self, *values: str) -> _Count:
+        series = self.series.get(values)
+        if series is None:
+            _check_labels(self.name, self.label_names, values)
+            series = self.series[values] = _Count()
+        return series
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.label_names)
+        for values, series in self.series.items():
+            family.add_metric(list(values), series.value)
+        yield family
 
 
 class CallbackCounter(Collector):
@@ -116,22 +197,22 @@ class Metrics:
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram(
+        self.ttft = LabelledHistogram(
             "flushgate_time_to_first_token_seconds",
             "From request received to the first generated token written to the client.",
-            ["api"], buckets=LATENCY_BUCKETS, registry=r,
+            ["api"], LATENCY_BUCKETS,
         )  # fmt: skip
-        self.upstream_ttfb = Histogram(
+        self.upstream_ttfb = LabelledHistogram(
             "flushgate_upstream_ttfb_seconds",
             "From request received to the engine's response headers.",
-            ["api"], buckets=LATENCY_BUCKETS, registry=r,
+            ["api"], LATENCY_BUCKETS,
         )  # fmt: skip
-        self.duration = Histogram(
+        self.duration = LabelledHistogram(
             "flushgate_request_duration_seconds",
             "From request received to the last byte written.",
-            ["api", "outcome"], buckets=LATENCY_BUCKETS, registry=r,
+            ["api", "outcome"], LATENCY_BUCKETS,
         )  # fmt: skip
-        self.requests = Counter("flushgate_requests", "Requests by API and outcome.", ["api", "outcome"], registry=r)
+        self.requests = LabelledCounter("flushgate_requests", "Requests by API and outcome.", ["api", "outcome"])
         self.gap = BulkHistogram(
             "flushgate_inter_token_gap_seconds", "Time between consecutive chunks from the engine.", GAP_BUCKETS
         )
@@ -140,28 +221,30 @@ class Metrics:
             "Per chunk, from its arrival from the engine to its write to the client returning.",
             CHUNK_BUCKETS,
         )
-        r.register(self.gap)
-        r.register(self.chunk)
-        self.engine_requests = Counter(
-            "flushgate_engine_requests", "Requests by the engine that served them and outcome.",
-            ["engine", "outcome"], registry=r,
-        )  # fmt: skip
-        self.engine_ttft = Histogram(
+        self.engine_requests = LabelledCounter(
+            "flushgate_engine_requests", "Requests by the engine that served them and outcome.", ["engine", "outcome"]
+        )
+        self.engine_ttft = LabelledHistogram(
             "flushgate_engine_time_to_first_token_seconds",
             "From request received to the first generated token written to the client, by engine.",
-            ["engine"], buckets=LATENCY_BUCKETS, registry=r,
+            ["engine"], LATENCY_BUCKETS,
         )  # fmt: skip
-        self.engine_failovers = Counter(
+        self.engine_failovers = LabelledCounter(
             "flushgate_engine_failovers",
             "Attempts that failed on the engine before anything reached the client, and went to another engine.",
-            ["engine"], registry=r,
-        )  # fmt: skip
-        self.engine_stale_resends = Counter(
+            ["engine"],
+        )
+        self.engine_stale_resends = LabelledCounter(
             "flushgate_engine_stale_resends",
             "Requests sent again on a new connection because the engine closed a kept-alive one under them; if "
             "this grows, the engine's idle time is not above --engine-keepalive.",
-            ["engine"], registry=r,
-        )  # fmt: skip
+            ["engine"],
+        )
+        for collector in (
+            self.ttft, self.upstream_ttfb, self.duration, self.requests, self.gap, self.chunk,
+            self.engine_requests, self.engine_ttft, self.engine_failovers, self.engine_stale_resends,
+        ):  # fmt: skip
+            r.register(collector)
         if router is not None:
             r.register(EnginePoolCollector(router))
         Gauge("flushgate_inflight_requests", "Requests being served now.", registry=r).set_function(inflight)

@@ -22,16 +22,6 @@ class Recorder:
         self._queue: deque[RequestRecord] = deque()
         self._scheduled = False  # a callback that publishes the next record is due
         self._drained: asyncio.Future[None] | None = None  # what ``flush`` waits on while records are queued
-        self._children: dict[tuple[Any, ...], Any] = {}  # (metric, *labels) -> its child, looked up once
-
-    def _labelled(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, kept: prometheus_client validates and locks on every call, and a record
-        touches up to six children. Label sets are few (API, outcome, engine) and never removed."""
-        key = (metric, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     def finish(self, record: RequestRecord) -> None:
         """Publish now, or once the engine's span for this request has arrived (off the request's path)."""
@@ -78,21 +68,20 @@ class Recorder:
         t = record.timings
         m = self.metrics
         api, outcome = record.api, record.outcome
-        labelled = self._labelled
-        labelled(m.requests, api, outcome).inc()
-        labelled(m.duration, api, outcome).observe(t.end - t.start)
+        m.requests.labels(api, outcome).inc()
+        m.duration.labels(api, outcome).observe(t.end - t.start)
         if t.upstream_headers:
-            labelled(m.upstream_ttfb, api).observe(t.upstream_headers - t.start)
+            m.upstream_ttfb.labels(api).observe(t.upstream_headers - t.start)
         if t.first_token:
-            labelled(m.ttft, api).observe(t.first_token - t.start)
+            m.ttft.labels(api).observe(t.first_token - t.start)
         if record.served_by is not None:
-            labelled(m.engine_requests, record.served_by, outcome).inc()
+            m.engine_requests.labels(record.served_by, outcome).inc()
             if t.first_token:
-                labelled(m.engine_ttft, record.served_by).observe(t.first_token - t.start)
+                m.engine_ttft.labels(record.served_by).observe(t.first_token - t.start)
         for attempt in record.failover:
-            labelled(m.engine_failovers, attempt["engine"]).inc()
+            m.engine_failovers.labels(attempt["engine"]).inc()
         if record.stale_resent is not None:
-            labelled(m.engine_stale_resends, record.stale_resent).inc()
+            m.engine_stale_resends.labels(record.stale_resent).inc()
         m.gap.observe_many(t.gaps(), ordered=True)
         if t.fast_chunks or t.slow_chunks:
             m.chunk.observe_many(t.slow_chunks, fast=t.fast_chunks, total=t.write_blocked + t.chunk_work)

@@ -13,6 +13,8 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
@@ -313,3 +315,56 @@ def test_a_bulk_histogram_counts_listed_values_by_bound_and_unlisted_fast_ones_i
     assert buckets == {"0.001": 4, "0.01": 5, "0.1": 6, "+Inf": 7}
     assert next(s.value for s in family.samples if s.name == "x_seconds_count") == 7
     assert next(s.value for s in family.samples if s.name == "x_seconds_sum") == 0.6
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["openai", "ollama"]),
+            st.one_of(st.sampled_from([0.0, 0.001, 0.0025, 0.5, 60.0, 120.0]), st.floats(0, 200)),
+        ),
+        max_size=40,
+    )
+)
+def test_the_labelled_histogram_and_counter_expose_what_prometheus_clients_own_would(
+    observed: list[tuple[str, float]],
+) -> None:
+    """The same values into prometheus_client's Histogram and Counter and into the gateway's collectors: the
+    same samples come out (bounds hit exactly included: le means at most), ``_created`` aside."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from flushgate.metrics import LATENCY_BUCKETS, LabelledCounter, LabelledHistogram
+
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("t_seconds", "t", ["api"], buckets=LATENCY_BUCKETS, registry=theirs)
+    reference_count = Counter("n", "n", ["api"], registry=theirs)
+    histogram = LabelledHistogram("t_seconds", "t", ["api"], LATENCY_BUCKETS)
+    count = LabelledCounter("n", "n", ["api"])
+    ours.register(histogram)
+    ours.register(count)
+    for api, value in observed:
+        reference.labels(api).observe(value)
+        reference_count.labels(api).inc()
+        histogram.labels(api).observe(value)
+        count.labels(api).inc()
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = generate_latest(registry).decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): round(s.value, 9)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples(ours) == samples(theirs)
+
+
+def test_a_labelled_metric_refuses_the_wrong_number_of_labels() -> None:
+    from flushgate.metrics import LabelledCounter, LabelledHistogram
+
+    with pytest.raises(ValueError, match="takes the labels"):
+        LabelledHistogram("t_seconds", "t", ["api", "outcome"], (0.1,)).labels("openai")
+    with pytest.raises(ValueError, match="takes the labels"):
+        LabelledCounter("n", "n", ["engine"]).labels("a", "b")
