@@ -34,7 +34,7 @@ from flushgate.config import (
 from flushgate.doctor.cli import add_doctor_parser, run_doctor
 from flushgate.engine.presets import PRESETS
 from flushgate.logs import configure
-from flushgate.workers import WORKER_INDEX_FLAG
+from flushgate.workers import WORKER_INDEX_FLAG, WORKER_METRICS_FLAG
 
 T = TypeVar("T")
 
@@ -153,10 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("WORKERS", 1, int),
         metavar="N",
         help="run N gateway processes on the port (SO_REUSEPORT; the kernel spreads connections over them), for "
-        "more than one core's worth of streams; each has its own metrics and records. Only with --upstream or "
-        "--upstream-dns (FLUSHGATE_WORKERS)",
+        "more than one core's worth of streams; each has its own records, and /metrics answers for all of them, "
+        "every series labelled worker. Only with --upstream or --upstream-dns (FLUSHGATE_WORKERS)",
     )
     serve.add_argument(WORKER_INDEX_FLAG, type=int, default=None, help=argparse.SUPPRESS)  # set by --workers
+    serve.add_argument(WORKER_METRICS_FLAG, default=None, help=argparse.SUPPRESS)  # set by --workers
     serve.add_argument(
         "--connect-timeout",
         type=float,
@@ -298,6 +299,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         engine_traces_port=args.engine_traces_port,
         workers=args.workers,
         reuse_port=args.worker_index is not None,
+        worker_index=args.worker_index,
+        worker_metrics_dir=args.worker_metrics_dir,
     ).validate()
 
 

@@ -131,6 +131,8 @@ class Config:
     thinking_aliases: str = "think=on,nothink=off"  # Ollama model-name tags that switch Qwen3-style thinking
     workers: int = 1  # gateway processes sharing the port (SO_REUSEPORT); see flushgate/workers.py
     reuse_port: bool = False  # this process is one of several on the port
+    worker_index: int | None = None  # which of them (flushgate/workers.py)
+    worker_metrics_dir: str | None = None  # where the group's workers serve their metrics to each other
 
     def validate(self) -> Config:
         sources = sum(x is not None for x in (self.upstream, self.upstream_dns, self.model))

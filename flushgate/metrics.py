@@ -16,6 +16,7 @@ from flushgate.timings import FAST_CHUNK_S
 
 if TYPE_CHECKING:
     from flushgate.proxy.router import Router
+    from flushgate.worker_metrics import WorkerMetrics
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # The first bound is the one below which the hot path only counts a chunk (see RequestTimings.fast_chunks).
@@ -196,6 +197,7 @@ class Metrics:
         router: Router | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
+        self.group: WorkerMetrics | None = None  # set in a worker of a --workers group
         r = self.registry
         self.ttft = LabelledHistogram(
             "flushgate_time_to_first_token_seconds",
@@ -276,3 +278,7 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def scrape(self) -> bytes:
+        """What ``/metrics`` answers: this process's series, or with ``--workers`` every worker's."""
+        return self.render() if self.group is None else await self.group.render_all()

@@ -37,6 +37,7 @@ from flushgate.proxy.security import GUARDS
 from flushgate.proxy.state import Gateway
 from flushgate.proxy.upstream import AttachedBackend, Backend, open_session
 from flushgate.recorder import Recorder
+from flushgate.worker_metrics import WorkerMetrics
 
 HEALTH_CHECK_TIMEOUT_S = 2.0
 BACKLOG = 1024  # connections the kernel queues before they are accepted (256 streams may open at once)
@@ -72,6 +73,7 @@ class Server:
         self.port: int = config.port
         self.front: Front | None = None  # the hot route's own protocol, unless --no-own-server
         self._listeners: list[asyncio.Server] = []
+        self.worker_metrics: WorkerMetrics | None = None
 
     async def _make_backends(self) -> list[Backend]:
         config = self.config
@@ -156,6 +158,10 @@ class Server:
             ollama=OllamaSettings(thinking_aliases=parse_thinking_aliases(config.thinking_aliases)),
         )
         gateway_state.append(self.gateway)
+        if config.worker_metrics_dir is not None and config.worker_index is not None:
+            self.worker_metrics = WorkerMetrics(Path(config.worker_metrics_dir), config.worker_index, metrics.render)
+            await self.worker_metrics.start()
+            metrics.group = self.worker_metrics
         if config.upstream_dns is not None:
             self.discovery = DnsDiscovery(
                 DnsTarget.parse(config.upstream_dns),
@@ -277,6 +283,8 @@ class Server:
             self.front.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.worker_metrics is not None:
+            await self.worker_metrics.stop()
         if self.gateway is not None:
             await self.gateway.session.close()
             self.gateway.engines.close()

@@ -2,8 +2,9 @@
 
 One Python process forwards chunks on one core. With ``--workers N`` each worker is a whole gateway (its own
 connection pool, health checks, metrics and records, every log event tagged ``worker``) listening on the same
-port with SO_REUSEPORT, and the kernel spreads new connections over them. This process only starts them,
-starts again one that dies, and passes SIGTERM or SIGINT on so that every worker drains before it exits.
+port with SO_REUSEPORT, and the kernel spreads new connections over them; ``/metrics`` answers for all of them
+(flushgate/worker_metrics.py). This process only starts them, starts again one that dies, and passes SIGTERM or
+SIGINT on so that every worker drains before it exits.
 
 Only for gateways in front of engines they do not manage (``--upstream``, ``--upstream-dns``): a managed engine
 is supervised by one process.
@@ -12,10 +13,12 @@ is supervised by one process.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from types import FrameType
@@ -26,6 +29,7 @@ from flushgate.engine.process import die_with_parent
 from flushgate.logs import get_logger
 
 WORKER_INDEX_FLAG = "--worker-index"
+WORKER_METRICS_FLAG = "--worker-metrics-dir"  # each worker's metrics socket is there (flushgate/worker_metrics.py)
 QUICK_EXIT_S = 5.0  # a worker that dies sooner than this after starting counts towards giving up
 GIVE_UP_AFTER = 5  # quick deaths in a row of one worker before the whole group stops
 
@@ -50,12 +54,13 @@ class Workers:
         self.started: dict[int, float] = {}
         self.quick_deaths: dict[int, int] = {}
         self.stopping: signal.Signals | None = None
+        self.metrics_dir = ""
 
     def command(self, index: int, port: int) -> list[str]:
         # argparse keeps the last value given, so these override whatever the user's arguments said.
         return [
             sys.executable, "-m", "flushgate", "serve", *self.argv,
-            "--workers", "1", "--port", str(port), WORKER_INDEX_FLAG, str(index),
+            "--workers", "1", "--port", str(port), WORKER_INDEX_FLAG, str(index), WORKER_METRICS_FLAG, self.metrics_dir,
         ]  # fmt: skip
 
     def spawn(self, index: int, port: int) -> None:
@@ -72,6 +77,7 @@ class Workers:
         """Start the workers and wait; returns the exit code for the whole group."""
         reserved = reserve_port(self.config.host, self.config.port)
         port = reserved.getsockname()[1]
+        self.metrics_dir = tempfile.mkdtemp(prefix="flushgate-workers-")  # 0700: the group's alone
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
         self.log.info("workers", count=self.config.workers, url=f"http://{self.config.host}:{port}", pid=os.getpid())
@@ -81,6 +87,7 @@ class Workers:
             return self._wait(port)
         finally:
             reserved.close()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _wait(self, port: int) -> int:
         failed = 0

@@ -31,7 +31,7 @@ async def not_found(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[GATEWAY].recorder.metrics.render()
+    body = await request.app[GATEWAY].recorder.metrics.scrape()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

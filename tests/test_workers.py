@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from flushgate.cli import main
 from tests.fakes import FakeUpstream, sse_chunk, start_stream
@@ -107,6 +108,40 @@ async def test_both_workers_listen_on_the_port_and_serve(group: WorkerGroup) -> 
     assert served == {0, 1}
 
 
+async def test_metrics_answer_for_every_worker_whichever_one_the_scrape_reaches(group: WorkerGroup) -> None:
+    """Each scrape, on a new connection (so the kernel picks a worker), has both workers' series, labelled, with
+    the requests each one's records say it served; parsed, every family appears once."""
+    served = {0: 0, 1: 0}
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for i in range(64):
+            async with http.post(
+                group.base + "/v1/chat/completions", data=b'{"model": "m"}', headers={"X-Request-ID": f"m-{i}"}
+            ) as resp:
+                assert resp.status == 200
+                await resp.read()
+            served[(await group.event("request", request_id_is(f"m-{i}")))["worker"]] += 1
+            if i >= 3 and all(served.values()):
+                break
+        assert all(served.values()), served
+        for _ in range(6):
+            async with http.get(group.base + "/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
+            families = list(text_string_to_metric_families(text))
+            names = [family.name for family in families]
+            assert len(names) == len(set(names))
+            samples = [sample for family in families for sample in family.samples]
+            inflight = {s.labels["worker"] for s in samples if s.name == "flushgate_inflight_requests"}
+            assert inflight == {"0", "1"}
+            completed = {
+                int(s.labels["worker"]): s.value
+                for s in samples
+                if s.name == "flushgate_requests_total" and s.labels["outcome"] == "completed"
+            }
+            assert completed == served
+
+
 async def test_sigterm_drains_every_worker_and_the_group_exits_0(group: WorkerGroup, fake: FakeUpstream) -> None:
     release = asyncio.Event()
 
@@ -150,3 +185,34 @@ def test_workers_refuse_a_managed_engine(capsys: pytest.CaptureFixture[str]) -> 
 def test_workers_must_be_at_least_one(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--upstream", "http://127.0.0.1:9", "--workers", "0"]) == 2
     assert "--workers must be at least 1" in capsys.readouterr().err
+
+
+def test_merged_expositions_label_every_sample_with_its_worker_and_write_each_family_once() -> None:
+    from flushgate.metrics import LATENCY_BUCKETS, Metrics
+    from flushgate.worker_metrics import merge
+
+    texts: dict[int, str] = {}
+    for worker, seconds in ((0, [0.01, 0.2]), (1, [0.5])):
+        metrics = Metrics(inflight=float(worker + 1).__float__)
+        for value in seconds:
+            metrics.requests.labels("openai", "completed").inc()
+            metrics.ttft.labels("openai").observe(value)
+        texts[worker] = metrics.render().decode()
+    families = {family.name: family for family in text_string_to_metric_families(merge(texts).decode())}
+    assert {(s.labels["worker"], s.value) for s in families["flushgate_inflight_requests"].samples} == {
+        ("0", 1.0),
+        ("1", 2.0),
+    }
+    assert {(s.labels["worker"], s.value) for s in families["flushgate_requests"].samples} == {("0", 2.0), ("1", 1.0)}
+    buckets = {
+        (s.labels["worker"], s.labels["le"]): s.value
+        for s in families["flushgate_time_to_first_token_seconds"].samples
+        if s.name.endswith("_bucket")
+    }
+    assert len(buckets) == 2 * (len(LATENCY_BUCKETS) + 1)
+    assert (buckets[("0", "0.01")], buckets[("0", "0.25")], buckets[("1", "0.25")], buckets[("1", "0.5")]) == (
+        1.0,
+        2.0,
+        0.0,
+        1.0,
+    )

@@ -1,14 +1,16 @@
-"""Gateways attached to the shared real CPU vLLM (SmolLM2-135M-Instruct): ``--workers 2`` serving one port, and the
-chat page behind ``--api-key``."""
+"""Gateways attached to the shared real CPU vLLM (SmolLM2-135M-Instruct): ``--workers 2`` serving one port (and
+its ``/metrics`` answering for both), and the chat page behind ``--api-key``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
 from playwright.async_api import expect
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.chat_browser import chat_page
 from tests.real.conftest import GatewayProcess
@@ -48,14 +50,26 @@ async def test_two_workers_on_one_port_both_answer_with_the_real_engine(smol_gat
     try:
         listening = [await group.event("listening") for _ in range(2)]
         assert sorted(event["worker"] for event in listening) == [0, 1]
-        served: set[int] = set()
+        served: dict[int, int] = {}
         for i in range(32):  # a new client, so a new connection, each time: the kernel picks the worker
             assert "Paris" in await capital_of_france(group.base, {"X-Request-ID": f"workers-{i}"})
             record = await group.event("request", request_id_is(f"workers-{i}"))
-            served.add(record["worker"])
-            if served == {0, 1}:
+            served[record["worker"]] = served.get(record["worker"], 0) + 1
+            if len(served) == 2:
                 break
-        assert served == {0, 1}
+        assert sorted(served) == [0, 1]
+        # /metrics, from whichever worker a scrape reaches, counts both workers' requests, each under its own label
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            for _ in range(4):
+                async with http.get(group.base + "/metrics") as resp:
+                    text = await resp.text()
+                completed = {
+                    int(s.labels["worker"]): s.value
+                    for family in text_string_to_metric_families(text)
+                    for s in family.samples
+                    if s.name == "flushgate_requests_total" and s.labels["outcome"] == "completed"
+                }
+                assert completed == served
     finally:
         await group.kill()
 
