@@ -35,6 +35,8 @@ from flushgate.bench.report import (
     NGINX,
     NGINX_AGAIN,
     Cell,
+    Check,
+    Results,
     checks,
     markdown_checks,
     markdown_tables,
@@ -263,6 +265,7 @@ class Bench:
             s: {t.name: self.cells[s][t.name] for t in self.targets if t.name in self.cells[s]} for s in self.cells
         }
         found = checks(ordered, stress=STRESS, many=MANY, candidate=self.args.judge)
+        floor = noise_floor_checks(ordered, self.args.judge)
         return {
             "machine": machine(),
             "pinning": {
@@ -284,7 +287,17 @@ class Bench:
             "scenarios": [asdict(s) | {"title": TITLES.get(s.name, s.name)} for s in self.args.scenarios],
             "results": summarize(ordered),
             "checks": [asdict(c) for c in found],
+            "noise_floor_checks": [asdict(c) for c in floor],
         }
+
+
+def noise_floor_checks(results: Results, judge: str, stress: str = STRESS, many: str = MANY) -> list[Check]:
+    """With a second nginx measured beside the judged target, the goals it meets or misses against the first in
+    the same run: how far this machine's noise alone moves them. The LiteLLM and per-hop goals, flushgate's own,
+    are left out."""
+    if judge == NGINX_AGAIN or not any(NGINX_AGAIN in cells for cells in results.values()):
+        return []
+    return checks(results, stress=stress, many=many, candidate=NGINX_AGAIN)[:3]
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -315,7 +328,17 @@ def write_outputs(out: Path, data: dict[str, Any], plot: bool) -> None:
     ]
     for name, why in data["not_measured"].items():
         lines += [f"Not measured: {name}: {why}", ""]
-    lines += [f"## Goals for {data['judged']}", "", markdown_checks_from(data), "## Per scenario", ""]
+    lines += [f"## Goals for {data['judged']}", "", markdown_checks_from(data)]
+    if data.get("noise_floor_checks"):
+        lines += [
+            f"## The same goals for {NGINX_AGAIN}",
+            "",
+            "A second nginx, configured alike, judged against the first in the same run: a goal it misses here is "
+            "missed by this machine's noise alone.",
+            "",
+            markdown_checks_from(data, "noise_floor_checks"),
+        ]
+    lines += ["## Per scenario", ""]
     lines.append(markdown_tables(data["results"], {s["name"]: s["title"] for s in data["scenarios"]}))
     if plot:
         lines += ["![added delay, TTFT and CPU per target](results.png)", ""]
@@ -343,10 +366,10 @@ def _proxy_cores(cpu: object) -> str:
     return f"proxy on CPU {cpu}"
 
 
-def markdown_checks_from(data: dict[str, Any]) -> str:
+def markdown_checks_from(data: dict[str, Any], key: str = "checks") -> str:
     from flushgate.bench.report import Check
 
-    return markdown_checks([Check(**c) for c in data["checks"]])
+    return markdown_checks([Check(**c) for c in data[key]])
 
 
 def _raise_priority(nice: int) -> int:

@@ -333,3 +333,41 @@ def test_the_reports_version_line_names_every_tuning_flag_and_no_address() -> No
     assert tuning == ["--workers", "2", "--engine-keepalive", "60", "--idle-timeout", "0"]
     argv = flushgate_serve_args([8001], 9000, 2, ["--idle-timeout", "0"])
     assert argv[-len(tuning) :] == tuning
+
+
+def test_a_second_nginx_beside_flushgate_is_judged_too_and_shown_as_the_noise_floor(tmp_path: Path) -> None:
+    from flushgate.bench.runner import noise_floor_checks, write_outputs
+
+    direct = [1.0] * 100
+    cells = {"engine-direct": _cell(direct), NGINX: _cell([3.0] * 100), FLUSHGATE: _cell([9.0] * 100)}
+    results = {"s": cells | {NGINX_AGAIN: _cell([4.0] * 100)}}
+    floor = noise_floor_checks(results, FLUSHGATE, stress="s", many="s")
+    assert [check.met for check in floor] == [True, True, True]  # delay, stress TTFT, CPU: the other two are ours
+    assert "s p50: 3.000 vs nginx 2.000" in floor[0].detail
+    assert noise_floor_checks({"s": cells}, FLUSHGATE, stress="s", many="s") == []  # no second nginx
+    assert noise_floor_checks(results, NGINX_AGAIN, stress="s", many="s") == []  # it is the one judged already
+
+    from dataclasses import asdict
+
+    machine = {"cpu_model": "x", "nproc": 2, "kernel": "k", "python": "3", "date_utc": "d", "commit": "c"}
+    data = {
+        "machine": machine,
+        "pinning": {"load_and_engine_cpu": 0, "proxy_cpu": 1, "nice": 0},
+        "engines": 4,
+        "judged": FLUSHGATE,
+        "versions": {},
+        "not_measured": {},
+        "rounds": 1,
+        "scenarios": [{"name": "s", "title": "s"}],
+        "results": {},
+        "checks": [asdict(c) for c in checks(results, stress="s", many="s")],
+        "noise_floor_checks": [asdict(c) for c in floor],
+    }
+    write_outputs(tmp_path, data, plot=False)
+    text = (tmp_path / "results.md").read_text()
+    goals, _, rest = text.partition("## The same goals for nginx-again")
+    assert "**not met**" in goals  # flushgate adds 8.0 ms against nginx's 2.0
+    assert "s p50: 3.000 vs nginx 2.000 ms ok" in rest.partition("## Per scenario")[0]
+    data["noise_floor_checks"] = []
+    write_outputs(tmp_path, data, plot=False)
+    assert "## The same goals for nginx-again" not in (tmp_path / "results.md").read_text()
