@@ -5,7 +5,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from math import fsum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from flushgate.proxy.router import Router
     from flushgate.worker_metrics import WorkerMetrics
 
+S = TypeVar("S")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # The first bound is the one below which the hot path only counts a chunk (see RequestTimings.fast_chunks).
 CHUNK_BUCKETS = (FAST_CHUNK_S, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1)
@@ -56,11 +57,19 @@ class BulkHistogram(Collector):
         self.total += fsum(ordered_values) if total is None else total
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
-        cumulative, running = [], 0
-        for bound, count in zip([*map(floatToGoString, self.bounds), "+Inf"], self.counts, strict=True):
-            running += count
-            cumulative.append((bound, running))
-        yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=self.total)
+        buckets = _cumulative(self.bounds, self.counts)
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.total)
+
+
+def _cumulative(bounds: list[float], counts: list[int]) -> list[tuple[str, float]]:
+    """Counts per bucket as Prometheus's cumulative ``le`` buckets, bounds written as prometheus_client writes
+    them ("1.0"), the last one +Inf."""
+    out: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip([*map(floatToGoString, bounds), "+Inf"], counts, strict=True):
+        running += count
+        out.append((bound, running))
+    return out
 
 
 class _Buckets:
@@ -88,53 +97,44 @@ class _Count:
         self.value += amount
 
 
-def _check_labels(name: str, names: list[str], values: tuple[str, ...]) -> None:
-    if len(values) != len(names):
-        raise ValueError(f"{name} takes the labels {names}, got {values}")
+class _ByLabels(Collector, Generic[S]):
+    """One series per label set, made when first asked for, as prometheus_client's ``labels()`` does."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str], make: Callable[[], S]) -> None:
+        self.name, self.documentation, self.label_names = name, documentation, labels
+        self.series: dict[tuple[str, ...], S] = {}
+        self._make = make
+
+    def labels(self, *values: str) -> S:
+        series = self.series.get(values)
+        if series is None:
+            if len(values) != len(self.label_names):
+                raise ValueError(f"{self.name} takes the labels {self.label_names}, got {values}")
+            series = self.series[values] = self._make()
+        return series
 
 
-class LabelledHistogram(Collector):
+class LabelledHistogram(_ByLabels[_Buckets]):
     """A histogram by labels, observed once per request from its record. prometheus_client's ``Histogram`` takes
     a lock and walks its bounds in Python for each value and each of its sum and bucket counters: several
     times this one bisection (the record observes up to four per request)."""
 
     def __init__(self, name: str, documentation: str, labels: list[str], buckets: tuple[float, ...]) -> None:
-        self.name, self.documentation, self.label_names = name, documentation, labels
         self.bounds = list(buckets)
-        self.series: dict[tuple[str, ...], _Buckets] = {}
-
-    def labels(self, *values: str) -> _Buckets:
-        series = self.series.get(values)
-        if series is None:
-            _check_labels(self.name, self.label_names, values)
-            series = self.series[values] = _Buckets(self.bounds)
-        return series
+        super().__init__(name, documentation, labels, lambda: _Buckets(self.bounds))
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.label_names)
-        names = [*map(floatToGoString, self.bounds), "+Inf"]  # "1.0", as prometheus_client writes le
         for values, series in self.series.items():
-            running, cumulative = 0, []
-            for bound, count in zip(names, series.counts, strict=True):
-                running += count
-                cumulative.append((bound, running))
-            family.add_metric(list(values), cumulative, series.total)
+            family.add_metric(list(values), _cumulative(self.bounds, series.counts), series.total)
         yield family
 
 
-class LabelledCounter(Collector):
+class LabelledCounter(_ByLabels[_Count]):
     """A counter by labels, for the same reason as ``LabelledHistogram``."""
 
     def __init__(self, name: str, documentation: str, labels: list[str]) -> None:
-        self.name, self.documentation, self.label_names = name, documentation, labels
-        self.series: dict[tuple[str, ...], _Count] = {}
-
-    def labels(self, *values: str) -> _Count:
-        series = self.series.get(values)
-        if series is None:
-            _check_labels(self.name, self.label_names, values)
-            series = self.series[values] = _Count()
-        return series
+        super().__init__(name, documentation, labels, _Count)
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.label_names)

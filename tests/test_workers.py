@@ -81,6 +81,33 @@ def request_id_is(request_id: str) -> Callable[[dict[str, Any]], bool]:
     return lambda event: bool(event["request_id"] == request_id)
 
 
+async def serve_on_both_workers(group: WorkerGroup, http: aiohttp.ClientSession, tag: str) -> dict[int, int]:
+    """Chats, each on a new connection (``http`` must not keep them: the kernel picks a worker for each), until
+    both workers have served; how many each served, by their records."""
+    served: dict[int, int] = {}
+    for i in range(64):
+        async with http.post(
+            group.base + "/v1/chat/completions", data=b'{"model": "m"}', headers={"X-Request-ID": f"{tag}-{i}"}
+        ) as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"ok": True}  # the fake engine's answer
+        worker = (await group.event("request", request_id_is(f"{tag}-{i}")))["worker"]
+        served[worker] = served.get(worker, 0) + 1
+        if len(served) == 2:
+            break
+    return served
+
+
+def completed_by_worker(exposition: str) -> dict[int, float]:
+    """``flushgate_requests_total{outcome="completed"}`` per ``worker`` label of a ``/metrics`` answer."""
+    return {
+        int(s.labels["worker"]): s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+        if s.name == "flushgate_requests_total" and s.labels["outcome"] == "completed"
+    }
+
+
 @pytest.fixture
 async def group(fake: FakeUpstream) -> AsyncIterator[WorkerGroup]:
     group = await WorkerGroup.start(fake.url, 2)
@@ -92,38 +119,19 @@ async def group(fake: FakeUpstream) -> AsyncIterator[WorkerGroup]:
 
 
 async def test_both_workers_listen_on_the_port_and_serve(group: WorkerGroup) -> None:
-    served: set[int] = set()
     connector = aiohttp.TCPConnector(force_close=True)  # a new connection each time: the kernel picks a worker
     async with aiohttp.ClientSession(connector=connector) as http:
-        for i in range(64):
-            async with http.post(
-                group.base + "/v1/chat/completions", data=b'{"model": "m"}', headers={"X-Request-ID": f"w-{i}"}
-            ) as resp:
-                assert resp.status == 200
-                assert await resp.json() == {"ok": True}  # the fake engine's answer
-            record = await group.event("request", request_id_is(f"w-{i}"))
-            served.add(record["worker"])
-            if served == {0, 1}:
-                break
-    assert served == {0, 1}
+        served = await serve_on_both_workers(group, http, "w")
+    assert sorted(served) == [0, 1]
 
 
 async def test_metrics_answer_for_every_worker_whichever_one_the_scrape_reaches(group: WorkerGroup) -> None:
     """Each scrape, on a new connection (so the kernel picks a worker), has both workers' series, labelled, with
     the requests each one's records say it served; parsed, every family appears once."""
-    served = {0: 0, 1: 0}
     connector = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(connector=connector) as http:
-        for i in range(64):
-            async with http.post(
-                group.base + "/v1/chat/completions", data=b'{"model": "m"}', headers={"X-Request-ID": f"m-{i}"}
-            ) as resp:
-                assert resp.status == 200
-                await resp.read()
-            served[(await group.event("request", request_id_is(f"m-{i}")))["worker"]] += 1
-            if i >= 3 and all(served.values()):
-                break
-        assert all(served.values()), served
+        served = await serve_on_both_workers(group, http, "m")
+        assert sorted(served) == [0, 1]
         for _ in range(6):
             async with http.get(group.base + "/metrics") as resp:
                 assert resp.status == 200
@@ -134,12 +142,7 @@ async def test_metrics_answer_for_every_worker_whichever_one_the_scrape_reaches(
             samples = [sample for family in families for sample in family.samples]
             inflight = {s.labels["worker"] for s in samples if s.name == "flushgate_inflight_requests"}
             assert inflight == {"0", "1"}
-            completed = {
-                int(s.labels["worker"]): s.value
-                for s in samples
-                if s.name == "flushgate_requests_total" and s.labels["outcome"] == "completed"
-            }
-            assert completed == served
+            assert completed_by_worker(text) == served
 
 
 async def test_sigterm_drains_every_worker_and_the_group_exits_0(group: WorkerGroup, fake: FakeUpstream) -> None:

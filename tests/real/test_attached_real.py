@@ -10,13 +10,12 @@ import aiohttp
 import openai
 import pytest
 from playwright.async_api import expect
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.chat_browser import chat_page
 from tests.real.conftest import GatewayProcess
 from tests.real.test_chat_page_real import running_requests
 from tests.test_security import CHUNKED_HEAD, answer_after, openai_error
-from tests.test_workers import WorkerGroup, request_id_is
+from tests.test_workers import WorkerGroup, completed_by_worker, request_id_is
 
 MODEL = "smollm2-135m-instruct"
 KEY = "real-page-key"
@@ -63,13 +62,7 @@ async def test_two_workers_on_one_port_both_answer_with_the_real_engine(smol_gat
             for _ in range(4):
                 async with http.get(group.base + "/metrics") as resp:
                     text = await resp.text()
-                completed = {
-                    int(s.labels["worker"]): s.value
-                    for family in text_string_to_metric_families(text)
-                    for s in family.samples
-                    if s.name == "flushgate_requests_total" and s.labels["outcome"] == "completed"
-                }
-                assert completed == served
+                assert completed_by_worker(text) == served
     finally:
         await group.kill()
 
