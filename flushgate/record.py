@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flushgate.engine_timing import EngineSplit
+from flushgate.logs import RecordWriter
 from flushgate.timings import RequestTimings
 
 Outcome = Literal["completed", "client_abort", "upstream_error", "idle_timeout", "rejected"]
@@ -98,5 +99,5 @@ class RequestRecord:
             out["content"] = self.content
         return out
 
-    def emit(self, log: Any) -> None:
-        log.info("request", **self.fields())
+    def emit(self, write: RecordWriter) -> None:
+        write(self.fields())

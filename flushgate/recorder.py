@@ -7,6 +7,7 @@ from collections import deque
 from typing import Any
 
 from flushgate.engine_timing import EngineTimings
+from flushgate.logs import record_writer
 from flushgate.metrics import Metrics
 from flushgate.record import RequestRecord
 
@@ -16,6 +17,7 @@ ENGINE_JOIN_TIMEOUT_S = 2.0  # the engine exports its span ~50 ms after the requ
 class Recorder:
     def __init__(self, log: Any, metrics: Metrics, engine_timings: EngineTimings | None = None) -> None:
         self.log = log
+        self._write = record_writer(log)
         self.metrics = metrics
         self.engine_timings = engine_timings
         self._pending: set[asyncio.Task[None]] = set()
@@ -85,7 +87,7 @@ class Recorder:
         m.gap.observe_many(t.gaps(), ordered=True)
         if t.fast_chunks or t.slow_chunks:
             m.chunk.observe_many(t.slow_chunks, fast=t.fast_chunks, total=t.write_blocked + t.chunk_work)
-        record.emit(self.log)
+        record.emit(self._write)
 
     async def flush(self) -> None:
         """Publish every record still waiting for its engine span (at shutdown)."""
