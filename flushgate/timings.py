@@ -13,7 +13,8 @@ FAST_CHUNK_S = 0.00001  # a chunk handled within this is only counted (the first
 
 
 def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
+    """Milliseconds to the microsecond: ``round(x, 3)`` goes through a decimal conversion, five times slower."""
+    return round(seconds * 1e6) / 1000
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -78,20 +79,17 @@ class RequestTimings:
         return len(self.arrivals) - bisect_right(self.arrivals, t)
 
     def summary(self) -> dict[str, float | int | bool | None]:
-        def since_start(t: float) -> float | None:
-            return _ms(t - self.start) if t else None
-
+        start, arrivals = self.start, self.arrivals
         gaps = self.gaps()
-        connect = self.connect_end - self.connect_start if self.connect_end else None
         return {
-            "body_read_ms": since_start(self.body_done),
-            "upstream_connect_ms": None if connect is None else _ms(connect),
+            "body_read_ms": _ms(self.body_done - start) if self.body_done else None,
+            "upstream_connect_ms": _ms(self.connect_end - self.connect_start) if self.connect_end else None,
             "upstream_reused": self.connection_reused,
-            "upstream_ttfb_ms": since_start(self.upstream_headers),
-            "first_event_ms": since_start(self.first_chunk),
-            "first_token_ms": since_start(self.first_token),
-            "last_token_ms": since_start(self.last_chunk),
-            "total_ms": since_start(self.end),
+            "upstream_ttfb_ms": _ms(self.upstream_headers - start) if self.upstream_headers else None,
+            "first_event_ms": _ms(arrivals[0] - start) if arrivals else None,
+            "first_token_ms": _ms(self.first_token - start) if self.first_token else None,
+            "last_token_ms": _ms(arrivals[-1] - start) if arrivals else None,
+            "total_ms": _ms(self.end - start) if self.end else None,
             "gap_p50_ms": _ms(percentile(gaps, 50)) if gaps else None,
             "gap_p99_ms": _ms(percentile(gaps, 99)) if gaps else None,
             "gap_max_ms": _ms(gaps[-1]) if gaps else None,

@@ -1,6 +1,7 @@
 """The per-request record's JSON line, written without structlog's generic path, is the line structlog's chain
 (as ``flushgate.logs.configure`` sets it up for JSON) writes for the same event: the same keys, in the same order,
-with the same values, and a timestamp in the same form."""
+with the same values, and a timestamp in the same form; and the milliseconds in it are cheap to make but the
+same to the microsecond."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from flushgate.logs import RecordLines, processors
 from flushgate.record import RequestRecord
-from flushgate.timings import RequestTimings, now
+from flushgate.timings import RequestTimings, _ms, now
 
 TIMESTAMP = re.compile(rb'"timestamp":"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{6})?Z)"')
 
@@ -90,3 +91,10 @@ field_names = st.text(min_size=1, max_size=12).filter(lambda k: k not in {"event
 def test_any_fields_give_structlogs_line(fields: dict[str, Any], worker: int | None) -> None:
     structlog_line, direct_line = both_lines(fields, worker)
     same_but_the_time(structlog_line, direct_line)
+
+
+@given(st.floats(min_value=-1e5, max_value=1e5, allow_nan=False))
+def test_milliseconds_are_the_seconds_to_the_microsecond(seconds: float) -> None:
+    ms = _ms(seconds)
+    assert abs(ms - seconds * 1000) <= 0.0005 + 1e-9 * abs(seconds * 1000)
+    assert ms == round(ms, 3)  # printed with at most three decimals, as ``round(x, 3)`` gave them
