@@ -13,7 +13,7 @@ FAST_CHUNK_S = 0.00001  # a chunk handled within this is only counted (the first
 
 
 def _ms(seconds: float) -> float:
-    """Milliseconds to the microsecond: ``round(x, 3)`` goes through a decimal conversion, five times slower."""
+    """Milliseconds to the microsecond: ``round(x, 3)`` goes through a decimal conversion, 3-4x slower."""
     return round(seconds * 1e6) / 1000
 
 
