@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class WorkerMetrics:
         self.index = index
         self.render_own = render_own
         self._runner: web.AppRunner | None = None
+        self._group = os.getppid()  # the group's first process, which made the folder and removes it
 
     @property
     def path(self) -> Path:
@@ -86,6 +88,9 @@ class WorkerMetrics:
             self._runner = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        if os.getppid() != self._group:  # it died (SIGKILL) and cannot: the last worker out removes the folder
+            with contextlib.suppress(OSError):  # not empty while a sibling's socket is still there
+                self.folder.rmdir()
 
     async def _sibling(self, path: Path) -> tuple[int, str] | None:
         try:

@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from flushgate.cli import main
+from flushgate.workers import WORKER_METRICS_FLAG
 from tests.fakes import FakeUpstream, sse_chunk, start_stream
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,6 +179,29 @@ async def test_a_worker_that_dies_is_started_again(group: WorkerGroup) -> None:
     again = await group.event("listening", lambda e: e["worker"] == 0)
     assert again["pid"] != first["pid"]
     assert again["url"] == group.base
+
+
+async def test_the_last_worker_out_removes_the_metrics_folder_when_the_first_process_was_killed(
+    group: WorkerGroup,
+) -> None:
+    """SIGKILL leaves the first process no way to clean up: its workers get SIGTERM (they die with it), drain,
+    and the last one out removes the folder their metrics sockets were in."""
+    pids = [e["pid"] for e in group.events if e["event"] == "listening"]
+    folders = {worker_metrics_dir(pid) for pid in pids}
+    assert len(folders) == 1
+    folder = folders.pop()
+    assert sorted(path.name for path in folder.iterdir()) == ["0.sock", "1.sock"]
+    group.proc.kill()
+    assert group.proc.stdout is not None
+    await asyncio.wait_for(group.proc.stdout.read(), GUARD_S)  # the end of output: every worker has exited
+    await group.proc.wait()
+    assert not folder.exists()
+
+
+def worker_metrics_dir(pid: int) -> Path:
+    """The folder a worker was told its metrics socket goes in, from its command line."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return Path(argv[argv.index(WORKER_METRICS_FLAG.encode()) + 1].decode())
 
 
 def test_workers_refuse_a_managed_engine(capsys: pytest.CaptureFixture[str]) -> None:
