@@ -367,8 +367,6 @@ def _proxy_cores(cpu: object) -> str:
 
 
 def markdown_checks_from(data: dict[str, Any], key: str = "checks") -> str:
-    from flushgate.bench.report import Check
-
     return markdown_checks([Check(**c) for c in data[key]])
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from flushgate.engine_timing import EngineSplit
 from flushgate.logs import RecordWriter
-from flushgate.timings import RequestTimings
+from flushgate.timings import RequestTimings, to_ms
 
 Outcome = Literal["completed", "client_abort", "upstream_error", "idle_timeout", "rejected"]
 Api = Literal["openai", "ollama", "gateway"]
@@ -61,7 +61,7 @@ class RequestRecord:
             parts["engine_frontend_ms"] = rest - e.queue_s - e.prefill_s - e.decode_s
         elif t.upstream_call:
             parts["engine_ms"] = rest
-        return {name: round(value * 1e6) / 1000 for name, value in parts.items()}  # as timings._ms
+        return {name: to_ms(value) for name, value in parts.items()}
 
     def tokens(self) -> int | None:
         if self.engine is not None:

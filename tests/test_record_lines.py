@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from flushgate.logs import RecordLines, processors
 from flushgate.record import RequestRecord
-from flushgate.timings import RequestTimings, _ms, now
+from flushgate.timings import RequestTimings, now, to_ms
 
 TIMESTAMP = re.compile(rb'"timestamp":"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{6})?Z)"')
 
@@ -95,6 +95,6 @@ def test_any_fields_give_structlogs_line(fields: dict[str, Any], worker: int | N
 
 @given(st.floats(min_value=-1e5, max_value=1e5, allow_nan=False))
 def test_milliseconds_are_the_seconds_to_the_microsecond(seconds: float) -> None:
-    ms = _ms(seconds)
+    ms = to_ms(seconds)
     assert abs(ms - seconds * 1000) <= 0.0005 + 1e-9 * abs(seconds * 1000)
     assert ms == round(ms, 3)  # printed with at most three decimals, as ``round(x, 3)`` gave them

@@ -192,9 +192,7 @@ async def test_the_last_worker_out_removes_the_metrics_folder_when_the_first_pro
     folder = folders.pop()
     assert sorted(path.name for path in folder.iterdir()) == ["0.sock", "1.sock"]
     group.proc.kill()
-    assert group.proc.stdout is not None
-    await asyncio.wait_for(group.proc.stdout.read(), GUARD_S)  # the end of output: every worker has exited
-    await group.proc.wait()
+    assert await group.finish() == -signal.SIGKILL  # read to the end of output: every worker has exited
     assert not folder.exists()
 
 
