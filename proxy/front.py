@@ -385,7 +385,9 @@ class ClientConnection(asyncio.Protocol):
             self._hand_over()
             return
         body = b"".join(self._body)
-        if not guards.routes.forwards(target) or self._aliased(body, target):
+        named = MODEL_FIELD.search(body)  # once: for the alias check here and for the record
+        model = None if named is None else named.group(1).decode("utf-8", "replace")
+        if not guards.routes.forwards(target) or self._aliased(model, target):
             self._hand_over()
             return
         if guards.keys:
@@ -407,7 +409,7 @@ class ClientConnection(asyncio.Protocol):
         del self._raw[: self._request_end]  # what the client sent on is read once this answer ends (``_after``)
         self._reset()
         front.stats.answered += 1
-        serving = self._serve(request, started, body_done)
+        serving = self._serve(request, started, body_done, model)
         # A POST goes to the engine from this very callback; the listing asks aiohttp's client, which needs a task.
         task = eager.start(self._loop, serving) if request.method == "POST" else self._loop.create_task(serving)
         if task is None:  # answered without waiting (a refusal, say)
@@ -418,22 +420,19 @@ class ClientConnection(asyncio.Protocol):
         if admission is not None:
             task.add_done_callback(admission.leave)  # also when the task is cancelled before it starts
 
-    def _aliased(self, body: bytes, target: str) -> bool:
+    def _aliased(self, model: str | None, target: str) -> bool:
         """A chat completion naming a thinking alias: rewritten by aiohttp's route (proxy/model_aliases.py)."""
         suffixes = self._front.gateway.ollama.alias_suffixes
-        if not suffixes or not target.startswith("/v1/chat/completions"):
-            return False
-        named = MODEL_FIELD.search(body)
-        return named is not None and names_alias(named.group(1).decode("utf-8", "replace"), suffixes)
+        return model is not None and target.startswith("/v1/chat/completions") and names_alias(model, suffixes)
 
-    async def _serve(self, request: FrontRequest, started: float, body_done: float) -> None:
+    async def _serve(self, request: FrontRequest, started: float, body_done: float, model: str | None) -> None:
         front = self._front
         finished = False
         try:
             if request.method == "GET":  # GET /v1/models, the aliases added as aiohttp's route does
                 answer = await list_models(request, front.gateway, front.models)
             else:
-                answer = await exchange(request, front.gateway, request.body, started, body_done)
+                answer = await exchange(request, front.gateway, request.body, started, body_done, model)
             if answer is not None:
                 self._reply(answer)
             else:

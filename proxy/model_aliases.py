@@ -93,7 +93,7 @@ async def _chat_with_alias(request: web.Request, registry: ModelRegistry) -> web
     aliased = names_alias(name, registry.settings.alias_suffixes)
     target = (await _alias_names(registry)).get(name) if aliased else None
     if target is None:
-        return await forward(request, raw, received, body_done)
+        return await forward(request, raw, received, body_done, name if named else None)
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -59,22 +59,33 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 
 
 
 async def forward(
-    request: web.Request, body: bytes | None = None, received: float = 0.0, body_done: float = 0.0
+    request: web.Request,
+    body: bytes | None = None,
+    received: float = 0.0,
+    body_done: float = 0.0,
+    model: str | None = None,
 ) -> web.StreamResponse:
     """Forward ``request``. A caller that already read the client's body passes it as ``body`` (possibly
-    rewritten), with when the request arrived (``received``) and when its body was read (``body_done``)."""
+    rewritten), with when the request arrived (``received``), when its body was read (``body_done``) and the
+    model it names, if the caller looked (``model``: the body is then not searched again)."""
     client = AiohttpClient(request)
-    return client.handler_result(await exchange(client, request.app[GATEWAY], body, received, body_done))
+    return client.handler_result(await exchange(client, request.app[GATEWAY], body, received, body_done, model))
 
 
 async def exchange(
-    client: ClientSide, gateway: Gateway, body: bytes | None, received: float = 0.0, body_done: float = 0.0
+    client: ClientSide,
+    gateway: Gateway,
+    body: bytes | None,
+    received: float = 0.0,
+    body_done: float = 0.0,
+    model: str | None = None,
 ) -> web.Response | None:
     """One request through the gateway: None once the answer went to ``client``, else the response to send."""
     record = RequestRecord(
         request_id=client.header(REQUEST_ID_FIELD) or new_request_id(),
         method=client.method,
         path=client.path,
+        model=model,
         timings=RequestTimings(start=received or now(), body_done=body_done),
     )
     gateway.enter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 import openai
+from structlog.testing import capture_logs
 
 from tests.fakes import FakeModel, FakeUpstream, ScriptedEngine
 
@@ -46,7 +47,10 @@ async def test_a_tag_on_a_model_that_cannot_think_is_forwarded_untouched(
     engine = ScriptedEngine(models=[FakeModel("plain")])
     fake.handler = engine
     body = {"model": "plain:think", "messages": [{"role": "user", "content": "hi"}]}
-    async with http.post(gateway_url + "/v1/chat/completions", json=body) as resp:
-        await resp.read()
+    with capture_logs() as logs:
+        async with http.post(gateway_url + "/v1/chat/completions", json=body) as resp:
+            await resp.read()
     (sent,) = engine.generations
     assert sent.body == body  # the engine, not the gateway, says whether it knows that name
+    (record,) = [entry for entry in logs if entry["event"] == "request"]
+    assert record["model"] == "plain:think"  # the record names it, read once by the alias check
