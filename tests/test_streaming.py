@@ -126,7 +126,8 @@ def _sockets_on(port: int) -> list[socket.socket]:
     """The live sockets in this process with ``port`` at either end."""
     found = []
     for obj in gc.get_objects():
-        if isinstance(obj, asyncio.Transport) and not obj.is_closing():
+        # type(), not isinstance(): it reads no ``__class__``, which some libraries' module objects warn on
+        if issubclass(type(obj), asyncio.Transport) and not obj.is_closing():
             sock = obj.get_extra_info("socket")
             if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
                 continue
