@@ -37,7 +37,7 @@ from flushgate.proxy.headers import AnswerHead, RawHeaders, first_value, message
 from flushgate.proxy.model_aliases import list_models, names_alias
 from flushgate.proxy.ollama.models import ModelRegistry
 from flushgate.proxy.pacing import StartPacer
-from flushgate.proxy.passthrough import MODEL_FIELD, exchange
+from flushgate.proxy.passthrough import exchange, named_model
 from flushgate.proxy.refusal import refusal_body
 from flushgate.proxy.security import Guards
 from flushgate.proxy.state import Gateway
@@ -385,9 +385,11 @@ class ClientConnection(asyncio.Protocol):
             self._hand_over()
             return
         body = b"".join(self._body)
-        named = MODEL_FIELD.search(body)  # once: for the alias check here and for the record
-        model = None if named is None else named.group(1).decode("utf-8", "replace")
-        if not guards.routes.forwards(target) or self._aliased(model, target):
+        if not guards.routes.forwards(target):
+            self._hand_over()
+            return
+        model = named_model(body)  # once: for the alias check here and for the record
+        if self._aliased(model, target):
             self._hand_over()
             return
         if guards.keys:

@@ -17,7 +17,7 @@ from flushgate.proxy.body import BodyStalled, arriving
 from flushgate.proxy.client_side import AiohttpClient, ClientSide
 from flushgate.proxy.ollama.errors import OllamaError
 from flushgate.proxy.ollama.models import ModelRegistry
-from flushgate.proxy.passthrough import MODEL_FIELD, exchange, forward
+from flushgate.proxy.passthrough import exchange, forward, named_model
 from flushgate.proxy.refusal import refuse
 from flushgate.proxy.state import GATEWAY, Gateway
 from flushgate.timings import now
@@ -87,13 +87,13 @@ async def _chat_with_alias(request: web.Request, registry: ModelRegistry) -> web
         refusal.force_close()
         return refusal
     body_done = now()
-    named = MODEL_FIELD.search(raw)
-    name = named.group(1).decode("utf-8", "replace") if named else ""
+    named = named_model(raw)
+    name = named or ""
     # Only a name ending in an alias tag costs a look at the engine's models.
     aliased = names_alias(name, registry.settings.alias_suffixes)
     target = (await _alias_names(registry)).get(name) if aliased else None
     if target is None:
-        return await forward(request, raw, received, body_done, name if named else None)
+        return await forward(request, raw, received, body_done, named)
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -58,6 +58,12 @@ CONTENT_CAP = 1 << 20  # --log-content keeps at most this much of each side
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when the client sent no body
 
 
+def named_model(data: bytes) -> str | None:
+    """The ``model`` a JSON body names, found without parsing it (``MODEL_FIELD``), or None."""
+    found = MODEL_FIELD.search(data)
+    return None if found is None else found.group(1).decode("utf-8", "replace")
+
+
 async def forward(
     request: web.Request,
     body: bytes | None = None,
@@ -115,8 +121,8 @@ async def _exchange(
     if body is not None:
         timings.body_done = timings.body_done or now()
         timings.bytes_in = client.content_length or len(body)
-        if record.model is None and (found := MODEL_FIELD.search(body)):
-            record.model = found.group(1).decode("utf-8", "replace")
+        if record.model is None:
+            record.model = named_model(body)
         if gateway.log_content:
             record.content = {"request": body[:CONTENT_CAP].decode("utf-8", "replace")}
         outgoing = OutgoingBody(body, None)
@@ -392,8 +398,8 @@ async def _request_body(client: ClientSide, record: RequestRecord, gateway: Gate
         timings.bytes_in += len(chunk)
         if limit and timings.bytes_in > limit:
             raise BodyTooLarge(f"the request body is over {limit} bytes, the most this gateway takes")
-        if record.model is None and (found := MODEL_FIELD.search(chunk)):
-            record.model = found.group(1).decode("utf-8", "replace")
+        if record.model is None:
+            record.model = named_model(chunk)
         if kept is not None and len(kept) < CONTENT_CAP:
             kept += chunk[: CONTENT_CAP - len(kept)]
         yield chunk
